@@ -1,0 +1,20 @@
+"""pipelines: generators whose every stochastic step is a Gaussian policy with an exact log-prob.
+
+Public API: the pure step functions (`ddim_step`), the `GaussianStep` record with
+`gaussian_log_prob` / `gaussian_kl`, the `Trajectory` record, and one pipeline class per family.
+This package never imports `genft` or `reward_models`.
+"""
+from ._ddim import ddim_prev_timestep, ddim_step
+from ._diffusion import DiffusionPipeline
+from ._gaussian import GaussianStep, gaussian_kl, gaussian_log_prob
+from ._trajectory import Trajectory
+
+__all__ = [
+    "DiffusionPipeline",
+    "GaussianStep",
+    "Trajectory",
+    "ddim_prev_timestep",
+    "ddim_step",
+    "gaussian_kl",
+    "gaussian_log_prob",
+]

@@ -1,0 +1,252 @@
+"""Text-to-image diffusion (DDIM/DDPM) over diffusers components, with exact trajectory log-probs."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Union
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from ._ddim import ddim_step
+from ._gaussian import GaussianStep, Reduce
+from ._trajectory import Trajectory
+
+GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
+
+
+class DiffusionPipeline:
+    """UNet + text encoder + tokenizer + DDIM scheduler (+ optional VAE) as a Gaussian policy.
+
+    The pipeline keeps no sampling state: every call derives its timesteps from a fresh copy of the
+    scheduler, so rollouts and re-scoring can interleave freely. Without a VAE the UNet works in
+    pixel space ([-1, 1]).
+    """
+
+    family = "diffusion"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, storage_dtype: Optional[torch.dtype] = None):
+        if not isinstance(scheduler, DDIMScheduler):
+            scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae = vae
+        self.storage_dtype = storage_dtype
+
+    # ----- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: Union[str, os.PathLike], torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+    ) -> "DiffusionPipeline":
+        """Load from a hub id or a local folder with unet/, text_encoder/, tokenizer/, scheduler/ (and optional vae/)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        path = str(path)
+        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **({"dtype": torch_dtype} if torch_dtype else {}))
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        vae = None
+        if os.path.isdir(os.path.join(path, "vae")) or _hub_has_subfolder(path, "vae"):
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        pipe = cls(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
+        return pipe.to(device)
+
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
+        """Write every component in the diffusers folder layout (safetensors weights)."""
+        path = str(path)
+        self.unet.save_pretrained(os.path.join(path, "unet"))
+        self.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+        if self.vae is not None:
+            self.vae.save_pretrained(os.path.join(path, "vae"))
+
+    def to(self, device: Union[str, torch.device]) -> "DiffusionPipeline":
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype latents are stored in (the UNet's, unless `storage_dtype` overrides it)."""
+        return self.storage_dtype or next(self.unet.parameters()).dtype
+
+    # ----- text --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D]; refuses prompts the tokenizer would truncate."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string")
+        max_len = self.tokenizer.model_max_length
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=False, return_tensors=None)["input_ids"]
+        for p, seq in zip(prompts, ids):
+            if len(seq) > max_len:
+                raise ValueError(
+                    f"prompt {p!r} is {len(seq)} tokens long but the text encoder takes at most {max_len}; shorten it"
+                )
+        ids = torch.tensor(ids, dtype=torch.long, device=self.text_encoder.device)
+        return self.text_encoder(ids)[0].to(self.unet.dtype)
+
+    # ----- model -------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple:
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+        hw = (size, size) if isinstance(size, int) else size
+        return (cfg.in_channels, *hw)
+
+    def model_output(
+        self,
+        x: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        guidance_scale: float,
+        unet: Optional[torch.nn.Module] = None,
+        detach_uncond: bool = False,
+    ) -> torch.Tensor:
+        """The (CFG-combined) UNet output at (x, t) in float32; `unet` overrides the policy (e.g. a frozen reference)."""
+        unet = unet if unet is not None else self.unet
+        batch = x.shape[0]
+        t = torch.as_tensor(timestep, device=x.device)
+        t = t.expand(batch) if t.ndim == 0 else t
+        dtype = next(unet.parameters()).dtype
+        if guidance_scale > 1.0 and negative_prompt_embeds is not None:
+            x_in = torch.cat([x, x]).to(dtype)
+            emb = torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype)
+            out = unet(x_in, torch.cat([t, t]), encoder_hidden_states=emb).sample.float()
+            uncond, cond = out.chunk(2)
+            if detach_uncond:
+                uncond = uncond.detach()
+            return uncond + guidance_scale * (cond - uncond)
+        return unet(x.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """The scheduler's timesteps for `num_inference_steps`, from a fresh copy (no shared state)."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(num_inference_steps)
+        return sched.timesteps.clone().cpu()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels in [-1, 1] without a VAE) to float32 images in [0, 1]."""
+        x = latents
+        if self.vae is not None:
+            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def initial_latents(self, batch: int, generator: GeneratorLike = None) -> torch.Tensor:
+        """x_T ~ N(0, σ_init² I) drawn in float32 from `generator` (one per sample for batch-independent noise)."""
+        x = randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
+        return (x * self.scheduler.init_noise_sigma).to(self.latent_dtype)
+
+    # ----- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        generator: GeneratorLike = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        latents: Optional[torch.Tensor] = None,
+        negative_prompt: str = "",
+        reduce: Reduce = "mean",
+    ) -> Trajectory:
+        """Sample `prompts` and record every step's latent and log-prob (η > 0 for a stochastic policy)."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        batch = len(prompts)
+        prompt_embeds = self.encode_prompt(prompts)
+        negative = self.encode_prompt([negative_prompt] * batch) if guidance_scale > 1.0 else None
+        timesteps = self.timesteps(num_inference_steps)
+        x = latents.to(self.device, self.latent_dtype) if latents is not None else self.initial_latents(batch, generator)
+        all_latents, log_probs, stds = [x], [], []
+        for t in timesteps:
+            out = self.model_output(x, t, prompt_embeds, negative, guidance_scale)
+            step = ddim_step(out, t, x, self.scheduler, eta=eta, generator=generator,
+                             num_inference_steps=num_inference_steps, reduce=reduce)
+            x = step.prev_sample
+            all_latents.append(x)
+            log_probs.append(step.log_prob)
+            stds.append(step.std[0])
+        return Trajectory(
+            latents=torch.stack(all_latents, dim=1),
+            timesteps=timesteps,
+            log_probs=torch.stack(log_probs, dim=1),
+            stds=torch.stack(stds).float().cpu(),
+            prompts=prompts,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
+            images=self.decode(x),
+            guidance_scale=float(guidance_scale),
+            eta=float(eta),
+            num_inference_steps=num_inference_steps,
+            extras={"reduce": reduce},
+        )
+
+    def rescore(
+        self,
+        trajectory: Trajectory,
+        steps: Union[int, torch.Tensor],
+        unet: Optional[torch.nn.Module] = None,
+        detach_uncond: bool = False,
+    ) -> GaussianStep:
+        """Score the stored transitions latents[:, k] -> latents[:, k+1] under the current weights.
+
+        `steps` is one step index for the whole batch or a LongTensor [B] of per-sample indices.
+        Gradients flow to the UNet unless called under `torch.no_grad()`.
+        """
+        batch = trajectory.batch_size
+        k = torch.as_tensor(steps, dtype=torch.long)
+        k = k.expand(batch) if k.ndim == 0 else k
+        if k.shape != (batch,) or (k < 0).any() or (k >= trajectory.num_steps).any():
+            raise ValueError(f"steps must index 0..{trajectory.num_steps - 1} for each of {batch} samples, got {k.tolist()}")
+        rows = torch.arange(batch)
+        lat = trajectory.latents
+        x = lat[rows, k.to(lat.device)].to(self.device)
+        x_prev = lat[rows, (k + 1).to(lat.device)].to(self.device)
+        t = trajectory.timesteps[k.cpu()]
+        out = self.model_output(
+            x, t.to(self.device), trajectory.prompt_embeds.to(self.device),
+            None if trajectory.negative_prompt_embeds is None else trajectory.negative_prompt_embeds.to(self.device),
+            trajectory.guidance_scale, unet=unet, detach_uncond=detach_uncond,
+        )
+        return ddim_step(out, t, x, self.scheduler, eta=trajectory.eta, prev_sample=x_prev,
+                         num_inference_steps=trajectory.num_inference_steps, reduce=trajectory.extras.get("reduce", "mean"))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        generator: GeneratorLike = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] for `prompts` (η = 0 is the deterministic DDIM sampler)."""
+        return self.rollout(prompts, generator, num_inference_steps, guidance_scale, eta=eta).images
+
+
+def _hub_has_subfolder(path: str, name: str) -> bool:
+    """True when a hub repo's model_index.json names the component `name` (local paths: False)."""
+    if os.path.exists(path):
+        return False
+    from diffusers import DiffusionPipeline as _HFPipeline
+
+    index = _HFPipeline.load_config(path)
+    entry = index.get(name)
+    return bool(entry) and entry[0] is not None
