@@ -1,0 +1,24 @@
+"""reward_models: rewards that score images [B,3,H,W] in [0,1] with their prompts, returning float32 [B].
+
+Load one with `reward_models.load(name_or_path_or_instance)`; add one with `register`.
+This package never imports `genft` or `pipelines`.
+"""
+from ._base import RewardError, RewardModel, check_images, check_rewards
+from ._registry import available, load, register
+from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+
+register("jpeg_compressibility", JpegCompressibility)
+register("jpeg_incompressibility", JpegIncompressibility)
+
+__all__ = [
+    "JpegCompressibility",
+    "JpegIncompressibility",
+    "RewardError",
+    "RewardModel",
+    "available",
+    "check_images",
+    "check_rewards",
+    "jpeg_size_kb",
+    "load",
+    "register",
+]
