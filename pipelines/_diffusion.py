@@ -217,16 +217,37 @@ class DiffusionPipeline:
             raise ValueError(f"steps must index 0..{trajectory.num_steps - 1} for each of {batch} samples, got {k.tolist()}")
         rows = torch.arange(batch)
         lat = trajectory.latents
-        x = lat[rows, k.to(lat.device)].to(self.device)
-        x_prev = lat[rows, (k + 1).to(lat.device)].to(self.device)
-        t = trajectory.timesteps[k.cpu()]
-        out = self.model_output(
-            x, t.to(self.device), trajectory.prompt_embeds.to(self.device),
-            None if trajectory.negative_prompt_embeds is None else trajectory.negative_prompt_embeds.to(self.device),
-            trajectory.guidance_scale, unet=unet, detach_uncond=detach_uncond,
+        return self.score_transition(
+            lat[rows, k.to(lat.device)], lat[rows, (k + 1).to(lat.device)], trajectory.timesteps[k.cpu()],
+            trajectory.prompt_embeds, trajectory.negative_prompt_embeds, trajectory.guidance_scale, trajectory.eta,
+            trajectory.num_inference_steps, unet=unet, detach_uncond=detach_uncond,
+            reduce=trajectory.extras.get("reduce", "mean"),
         )
-        return ddim_step(out, t, x, self.scheduler, eta=trajectory.eta, prev_sample=x_prev,
-                         num_inference_steps=trajectory.num_inference_steps, reduce=trajectory.extras.get("reduce", "mean"))
+
+    def score_transition(
+        self,
+        sample: torch.Tensor,
+        prev_sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        guidance_scale: float,
+        eta: float,
+        num_inference_steps: int,
+        unet: Optional[torch.nn.Module] = None,
+        detach_uncond: bool = False,
+        reduce: Reduce = "mean",
+    ) -> GaussianStep:
+        """Score stored transitions sample -> prev_sample at per-sample `timesteps` [B] (what replay buffers hold)."""
+        dev = self.device
+        x = sample.to(dev)
+        neg = None if negative_prompt_embeds is None else negative_prompt_embeds.to(dev)
+        out = self.model_output(x, timesteps.to(dev), prompt_embeds.to(dev), neg, guidance_scale,
+                                unet=unet, detach_uncond=detach_uncond)
+        step = ddim_step(out, timesteps.cpu(), x, self.scheduler, eta=eta, prev_sample=prev_sample.to(dev),
+                         num_inference_steps=num_inference_steps, reduce=reduce)
+        step.model_output = out
+        return step
 
     @torch.no_grad()
     def sample(

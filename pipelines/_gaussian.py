@@ -26,6 +26,7 @@ class GaussianStep:
     std: torch.Tensor
     log_prob: torch.Tensor
     pred_original_sample: Optional[torch.Tensor] = None
+    model_output: Optional[torch.Tensor] = None
 
     @property
     def stochastic(self) -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""Finetuners by name: each is a Method subclass with its own Config dataclass."""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from ..config import ConfigError
+from .base import Method
+from .dpok import DPOK, DPOKConfig
+
+METHODS: Dict[str, Type[Method]] = {"dpok": DPOK}
+
+
+def get_method(name: str) -> Type[Method]:
+    """The Method class registered as `name`; an unknown name lists the valid ones."""
+    if name not in METHODS:
+        raise ConfigError(f"method={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+__all__ = ["DPOK", "DPOKConfig", "METHODS", "Method", "get_method"]

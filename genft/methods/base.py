@@ -1,0 +1,56 @@
+"""The hooks a finetuner supplies to the one training loop (`genft.trainer.Trainer`)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Tuple
+
+import torch
+
+from pipelines import Trajectory
+
+from ..train_config import TrainConfig
+
+
+class Method:
+    """Base class: the Trainer owns sampling, rewards, optimiser steps, evaluation and checkpoints.
+
+    A method turns scored rollouts into minibatches and a differentiable loss. Override:
+    `advantages` (optional), `collect`, `minibatches`, `loss`; and `extra_step`/`state_dict` for
+    auxiliary networks (value baselines, discriminators, fake-score nets).
+    """
+
+    name = "base"
+    config_class = TrainConfig
+
+    def __init__(self, config: TrainConfig, pipeline, reference_unet: torch.nn.Module):
+        self.config = config
+        self.pipeline = pipeline
+        self.reference_unet = reference_unet
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Minibatches whose gradients are summed into one optimiser step."""
+        return 1
+
+    def advantages(self, rewards: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        from ..advantages import normalize
+
+        return normalize(rewards)
+
+    def collect(self, trajectory: Trajectory, advantages: torch.Tensor, rewards: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def minibatches(self, generator: torch.Generator) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def loss(self, batch: Any, round_index: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        raise NotImplementedError
+
+    def extra_step(self, round_index: int) -> Dict[str, float]:
+        """Updates of auxiliary networks after the policy updates of a round."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,30 @@
+"""Resolve a config's `model` to a pipeline: the cached toy world, a hub id, or a local folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipelines import DiffusionPipeline
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def load_pipeline(model: str, device: torch.device, progress: bool = True) -> DiffusionPipeline:
+    """The diffusion pipeline for `model` ('toyworld' pretrains the toy world on first use)."""
+    if model == "toyworld":
+        from .toyworld import load_or_pretrain
+
+        path = load_or_pretrain(progress=progress)
+    else:
+        path = model
+        if Path(model).exists() and not (Path(model) / "unet").is_dir():
+            raise ValueError(f"model={model!r} is a folder without a unet/ subfolder; point it at a diffusers pipeline folder")
+    return DiffusionPipeline.from_pretrained(path, device=device)

@@ -1,0 +1,72 @@
+"""The training-loop settings every finetuner's config inherits (model, prompts, reward, sampling, optimiser)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal, Optional
+
+from .config import ConfigBase, ConfigError, option
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Loop settings shared by all methods. Method configs subclass it and add their own fields."""
+
+    method: str = option("dpok", "Which finetuner runs: a name from genft.methods (e.g. 'dpok').")
+    model: str = option("toyworld", "Base generator: 'toyworld' (the cached toy world, pretrained on first use), a hub id, or a local diffusers folder.")
+    reward: str = option("toy_oracle", "Reward to optimise: a registered name (see reward_models.available()), or 'module:Class'.")
+    eval_rewards: List[str] = option(["toy_oracle_accuracy"], "Held-out rewards measured at evaluation only, never optimised.")
+    prompts: str = option("toyworld:train", "Training prompts: 'toyworld:train', 'toyworld:heldout', or a text file with one prompt per line.")
+    eval_prompts: str = option("toyworld:heldout", "Evaluation prompts, same forms as `prompts`.")
+    output_dir: str = option("genft_runs/run", "Folder for logs, evaluation samples and checkpoints (created).")
+    seed: int = option(0, "Seed for prompt order, rollout noise and initialisation.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "'auto' uses CUDA when available, else the CPU.")
+
+    num_inference_steps: int = option(20, "Sampler steps per rollout (DDIM).")
+    guidance_scale: float = option(3.0, "Classifier-free guidance scale for rollouts and evaluation (1 disables CFG).")
+    eta: float = option(1.0, "DDIM η for rollouts; η > 0 is needed for a stochastic policy (1 = DDPM-like, the published setting).")
+
+    num_rounds: int = option(20, "Sampling rounds: each samples a batch, scores it and runs the method's updates.")
+    prompts_per_round: int = option(8, "Distinct prompts sampled per round.")
+    samples_per_prompt: int = option(4, "Images per prompt per round (the group for per-prompt advantage normalisation).")
+    learning_rate: float = option(1e-5, "AdamW learning rate for the generator.")
+    adam_beta1: float = option(0.9, "AdamW β1.")
+    adam_beta2: float = option(0.999, "AdamW β2.")
+    weight_decay: float = option(1e-4, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient-norm clip per optimiser step (0 disables).")
+
+    eval_every: int = option(0, "Evaluate every N rounds (0: only before and after training).")
+    eval_images_per_prompt: int = option(4, "Images per evaluation prompt; seeds are fixed so runs compare image for image.")
+    eval_max_prompts: int = option(0, "Evaluate on at most this many eval prompts (0: all).")
+    eval_eta: float = option(1.0, "DDIM η used for evaluation samples (with fixed seeds).")
+    checkpoint_every: int = option(0, "Save a checkpoint every N rounds (0: only at the end).")
+    resume_from: Optional[str] = option(None, "Checkpoint folder to resume from (weights, optimiser, RNG, round counter).")
+    progress: bool = option(True, "Show progress bars.")
+
+    def validate(self) -> None:
+        super().validate()
+        positive = ["num_inference_steps", "num_rounds", "prompts_per_round", "samples_per_prompt", "eval_images_per_prompt"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ["eval_every", "checkpoint_every", "eval_max_prompts"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0, e.g. 1e-5")
+        if self.guidance_scale < 1.0:
+            raise ConfigError(f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables classifier-free guidance)")
+        if self.eta < 0 or self.eval_eta < 0:
+            raise ConfigError(f"eta={self.eta} and eval_eta={self.eval_eta} must be >= 0")
+        for name in ["adam_beta1", "adam_beta2"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm} and weight_decay={self.weight_decay} must be >= 0")
+        if not self.reward:
+            raise ConfigError("reward is empty; name a reward, e.g. reward=jpeg_compressibility")
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty; give a folder for the run's outputs")
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.prompts_per_round * self.samples_per_prompt

@@ -1,0 +1,232 @@
+"""The one training loop: rollout → reward → advantages → method updates → evaluation → checkpoint.
+
+Methods plug in through `genft.methods.Method` hooks; they never copy this loop. Every input is
+resolved and checked (config, prompts, rewards) before a model is loaded or a sample drawn.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+import reward_models
+from reward_models import RewardModel
+
+from ._atomic import atomic_write_text
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluation import evaluate_pipeline
+from .methods import get_method
+from .models import load_pipeline, resolve_device
+from .prompts import load_prompts
+from .tracking import RunLog
+from .train_config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite updates)."""
+
+
+def _round_seed(seed: int, round_index: int, i: int) -> int:
+    return (seed * 1_000_003 + round_index * 10_007 + i) % (2**63 - 1)
+
+
+class Trainer:
+    """Fine-tunes `pipeline.unet` with the method named by `config.method`.
+
+    Anything left as None is built from the config: the pipeline (`config.model`), the reward,
+    the held-out rewards and the prompt sets. Pass objects to use your own.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        pipeline=None,
+        reward: Union[None, str, RewardModel] = None,
+        eval_rewards: Optional[Dict[str, RewardModel]] = None,
+        prompts: Optional[Sequence[str]] = None,
+        eval_prompts: Optional[Sequence[str]] = None,
+        accelerator=None,
+    ):
+        method_cls = get_method(config.method)
+        if not isinstance(config, method_cls.config_class):
+            raise TypeError(f"method {config.method!r} needs a {method_cls.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        # Cheap checks and loads first: nothing below samples or trains.
+        self.prompts = list(prompts) if prompts is not None else load_prompts(config.prompts, "prompts")
+        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else load_prompts(config.eval_prompts, "eval_prompts")
+        if config.eval_max_prompts:
+            self.eval_prompts = self.eval_prompts[: config.eval_max_prompts]
+        if not self.prompts or not self.eval_prompts:
+            raise ValueError("prompts and eval_prompts must each hold at least one prompt")
+        self.device = resolve_device(config.device)
+        self.reward = reward_models.load(reward if reward is not None else config.reward)
+        if eval_rewards is None:
+            eval_rewards = {name: reward_models.load(name) for name in config.eval_rewards}
+        self.eval_rewards = {self.reward.name: self.reward, **eval_rewards}
+        for r in self.eval_rewards.values():
+            r.to(self.device)
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=self.device.type == "cpu")
+        self.accelerator = accelerator
+
+        self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model, self.device, config.progress)
+        self.pipeline.to(self.device)
+        self.pipeline.text_encoder.requires_grad_(False)
+        if self.pipeline.vae is not None:
+            self.pipeline.vae.requires_grad_(False)
+        self.reference_unet = copy.deepcopy(self.pipeline.unet).requires_grad_(False).eval()
+        self.pipeline.unet.requires_grad_(True).train()
+        self.method = method_cls(config, self.pipeline, self.reference_unet)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.pipeline.unet.parameters() if p.requires_grad], lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
+        )
+        self.pipeline.unet, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
+        self.out_dir = Path(config.output_dir)
+        self.log = RunLog(self.out_dir)
+        self.round = 0
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.consecutive_skips = 0
+        self.max_consecutive_skips = 5
+        if config.resume_from:
+            self._resume(Path(config.resume_from))
+
+    # ----- pieces of a round ------------------------------------------------------------------
+    def round_prompts(self, round_index: int) -> List[str]:
+        """The round's prompts, each repeated `samples_per_prompt` times (a group), chosen by seed and round."""
+        c = self.config
+        rng = random.Random(_round_seed(c.seed, round_index, 0))
+        k = c.prompts_per_round
+        chosen = rng.sample(self.prompts, k) if k <= len(self.prompts) else [rng.choice(self.prompts) for _ in range(k)]
+        return [p for p in chosen for _ in range(c.samples_per_prompt)]
+
+    def score(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        """Rewards for a batch; a reward failure is reported with the batch's prompts."""
+        try:
+            return self.reward(images, prompts).to(self.device)
+        except Exception as e:
+            shown = prompts[:4] + (["..."] if len(prompts) > 4 else [])
+            raise type(e)(f"{e} (reward {self.reward.name!r}, batch prompts {shown})") from e
+
+    def update(self, round_index: int) -> Dict[str, float]:
+        """Run the method's minibatches; one optimiser step per `gradient_accumulation_steps` of them."""
+        accum = self.method.gradient_accumulation_steps
+        sums: Dict[str, float] = {}
+        count, steps, skipped, window_ok = 0, 0, 0, True
+        unet = self.pipeline.unet
+        for i, batch in enumerate(self.method.minibatches(self.generator)):
+            loss, metrics = self.method.loss(batch, round_index)
+            if torch.isfinite(loss):
+                self.accelerator.backward(loss / accum)
+            else:
+                window_ok = False
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            if (i + 1) % accum == 0:
+                grads_ok = all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
+                if window_ok and grads_ok:
+                    if self.config.max_grad_norm > 0:
+                        norm = self.accelerator.clip_grad_norm_(unet.parameters(), self.config.max_grad_norm)
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * accum
+                    self.optimizer.step()
+                    steps += 1
+                    self.consecutive_skips = 0
+                else:
+                    skipped += 1
+                    self.consecutive_skips += 1
+                    self.log.log({"round": round_index, "event": "skipped_update", "reason": "non-finite loss or gradient"})
+                    if self.consecutive_skips >= self.max_consecutive_skips:
+                        raise TrainingError(
+                            f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient (round {round_index}); "
+                            "lower learning_rate or reward_weight, and check the reward for NaNs"
+                        )
+                self.optimizer.zero_grad(set_to_none=True)
+                window_ok = True
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out.update(optimizer_steps=steps, skipped_updates=skipped)
+        return out
+
+    def evaluate(self, tag: str) -> Dict:
+        """Fixed-seed samples of the eval prompts, scored by every reward; saved under evals/<tag>/."""
+        c = self.config
+        unet = self.pipeline.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            result = evaluate_pipeline(
+                self.pipeline, self.eval_prompts, self.eval_rewards, images_per_prompt=c.eval_images_per_prompt,
+                seed=c.seed + 12345, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                eta=c.eval_eta, out_dir=self.out_dir / "evals" / tag,
+            )
+        finally:
+            unet.train(was_training)
+        self.log.log({"round": self.round, "event": "eval", "tag": tag,
+                      **{f"eval/{k}": v["mean"] for k, v in result["metrics"].items()}})
+        return result
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def train(self) -> Dict:
+        """Run all rounds; returns the evaluation before and after and the path of the run folder."""
+        c = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.json", json.dumps(c.to_dict(), indent=1))
+        before = self.evaluate("before") if self.round == 0 else None
+        bar = tqdm(range(self.round, c.num_rounds), desc=f"{c.method} rounds", disable=not c.progress,
+                   initial=self.round, total=c.num_rounds)
+        for r in bar:
+            t0 = time.time()
+            prompts = self.round_prompts(r)
+            gens = [torch.Generator(device=self.device).manual_seed(_round_seed(c.seed, r, i + 1)) for i in range(len(prompts))]
+            self.pipeline.unet.eval()
+            traj = self.pipeline.rollout(prompts, generator=gens, num_inference_steps=c.num_inference_steps,
+                                         guidance_scale=c.guidance_scale, eta=c.eta)
+            self.pipeline.unet.train()
+            rewards = self.score(traj.images, prompts)
+            advantages = self.method.advantages(rewards, prompts)
+            self.method.collect(traj, advantages, rewards)
+            t1 = time.time()
+            metrics = self.update(r)
+            metrics.update(self.method.extra_step(r))
+            self.round = r + 1
+            record = {"round": self.round, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                      "rollout_s": t1 - t0, "update_s": time.time() - t1, **metrics}
+            self.log.log(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
+            if c.eval_every and self.round % c.eval_every == 0 and self.round < c.num_rounds:
+                self.evaluate(f"round_{self.round:05d}")
+            if c.checkpoint_every and self.round % c.checkpoint_every == 0:
+                self.save(self.out_dir / "checkpoints" / f"round_{self.round:05d}")
+        after = self.evaluate("after")
+        self.save(self.out_dir / "checkpoints" / "final")
+        self.log.to_csv()
+        return {"before": before, "after": after, "output_dir": str(self.out_dir)}
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def save(self, path: Path) -> Path:
+        unet = self.accelerator.unwrap_model(self.pipeline.unet)
+        state = {"round": self.round, "generator": self.generator.get_state().tolist(), "config": self.config.to_dict()}
+        if self.accelerator.is_main_process:
+            save_checkpoint(path, unet, self.optimizer, self.method.state_dict(), state)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        loaded = load_checkpoint(path, self.accelerator.unwrap_model(self.pipeline.unet), self.optimizer)
+        state = loaded["trainer_state"]
+        self.round = int(state["round"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.method.load_state_dict(loaded["method_state"])
+
+
+def train(config: TrainConfig, **kwargs) -> Dict:
+    """Build a Trainer for `config` and run it (see Trainer for the keyword arguments)."""
+    return Trainer(config, **kwargs).train()
