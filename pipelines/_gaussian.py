@@ -42,6 +42,23 @@ def _per_sample(std: torch.Tensor, batch: int) -> torch.Tensor:
     return std.reshape(batch, -1)[:, 0] if std.numel() != batch else std.reshape(batch)
 
 
+def _broadcast_std(std: torch.Tensor, like: torch.Tensor):
+    """(safe std viewed for broadcasting against `like`, bool [B] mask of std > 0); zero stds become 1."""
+    batch = like.shape[0]
+    std_b = _per_sample(std, batch).to(like.device)
+    stochastic = std_b > 0
+    safe = torch.where(stochastic, std_b, torch.ones_like(std_b))
+    return safe.view((batch,) + (1,) * (like.ndim - 1)), stochastic
+
+
+def _reduce(per_elem: torch.Tensor, reduce: Reduce, stochastic: torch.Tensor) -> torch.Tensor:
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    dims = tuple(range(1, per_elem.ndim))
+    out = per_elem.mean(dim=dims) if reduce == "mean" else per_elem.sum(dim=dims)
+    return torch.where(stochastic, out, torch.zeros_like(out))
+
+
 def gaussian_log_prob(
     x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: Reduce = "mean"
 ) -> torch.Tensor:
@@ -49,19 +66,10 @@ def gaussian_log_prob(
 
     `std` is a scalar or a per-sample tensor [B]. Entries with std == 0 return 0 (deterministic step).
     """
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    x32, mean32 = x.float(), mean.float()
-    batch = x32.shape[0]
-    std_b = _per_sample(std, batch).to(x32.device)
-    stochastic = std_b > 0
-    safe_std = torch.where(stochastic, std_b, torch.ones_like(std_b))
-    view = (batch,) + (1,) * (x32.ndim - 1)
-    z2 = ((x32 - mean32) / safe_std.view(view)) ** 2
-    per_elem = -0.5 * z2 - torch.log(safe_std).view(view) - _LOG_SQRT_2PI
-    dims = tuple(range(1, x32.ndim))
-    out = per_elem.mean(dim=dims) if reduce == "mean" else per_elem.sum(dim=dims)
-    return torch.where(stochastic, out, torch.zeros_like(out))
+    x32 = x.float()
+    s, stochastic = _broadcast_std(std, x32)
+    per_elem = -0.5 * ((x32 - mean.float()) / s) ** 2 - torch.log(s) - _LOG_SQRT_2PI
+    return _reduce(per_elem, reduce, stochastic)
 
 
 def gaussian_kl(
@@ -72,15 +80,6 @@ def gaussian_kl(
     `reduce="mean"` averages the per-dimension KL (matching the mean-over-dims log-prob convention).
     Entries with std == 0 return 0.
     """
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    a, b = mean_a.float(), mean_b.float()
-    batch = a.shape[0]
-    std_b = _per_sample(std, batch).to(a.device)
-    stochastic = std_b > 0
-    safe_std = torch.where(stochastic, std_b, torch.ones_like(std_b))
-    view = (batch,) + (1,) * (a.ndim - 1)
-    per_elem = (a - b) ** 2 / (2 * safe_std.view(view) ** 2)
-    dims = tuple(range(1, a.ndim))
-    out = per_elem.mean(dim=dims) if reduce == "mean" else per_elem.sum(dim=dims)
-    return torch.where(stochastic, out, torch.zeros_like(out))
+    a = mean_a.float()
+    s, stochastic = _broadcast_std(std, a)
+    return _reduce((a - mean_b.float()) ** 2 / (2 * s**2), reduce, stochastic)
