@@ -8,6 +8,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
+from reward_models import RewardError
+
 from ._atomic import atomic_dir
 
 
@@ -44,7 +46,11 @@ def evaluate_pipeline(
                                guidance_scale=guidance_scale, eta=eta)
         images.append(imgs.cpu())
         for name, reward in rewards.items():
-            scores[name].append(reward(imgs, chunk).cpu())
+            try:
+                scores[name].append(reward(imgs, chunk).cpu())
+            except Exception as e:
+                shown = chunk[:4] + (["..."] if len(chunk) > 4 else [])
+                raise RewardError(f"reward {name!r} failed on evaluation prompts {shown}: {e}") from e
     all_images = torch.cat(images)
     all_scores = {k: torch.cat(v) for k, v in scores.items()}
     metrics = {k: {"mean": v.mean().item(), "std": v.std(unbiased=False).item()} for k, v in all_scores.items()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import reward_models
-from reward_models import RewardModel
+from reward_models import RewardError, RewardModel
 
 from ._atomic import atomic_write_text
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -115,7 +114,7 @@ class Trainer:
             return self.reward(images, prompts).to(self.device)
         except Exception as e:
             shown = prompts[:4] + (["..."] if len(prompts) > 4 else [])
-            raise type(e)(f"{e} (reward {self.reward.name!r}, batch prompts {shown})") from e
+            raise RewardError(f"reward {self.reward.name!r} failed on batch prompts {shown}: {e}") from e
 
     def update(self, round_index: int) -> Dict[str, float]:
         """Run the method's minibatches; one optimiser step per `gradient_accumulation_steps` of them."""

@@ -134,3 +134,22 @@ def test_policy_gradient_estimator_points_along_the_pathwise_gradient():
     flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
     cos = torch.nn.functional.cosine_similarity(flat(g_path), flat(g_pg), dim=0).item()
     assert cos > 0.1, f"policy-gradient estimate is not aligned with the true gradient (cos={cos:.3f})"
+
+
+class Broken(RewardModel):
+    name = "broken"
+
+    def score(self, images, prompts):
+        return torch.full((images.shape[0],), float("nan"))
+
+
+def test_reward_failure_names_the_reward_and_prompts_and_leaves_weights(tmp_path):
+    from reward_models import RewardError
+
+    pipe = tiny_diffusion_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = small_config(tmp_path, num_rounds=1)
+    trainer = genft.Trainer(cfg, pipeline=pipe, reward=Broken(), eval_rewards={}, prompts=PROMPTS, eval_prompts=PROMPTS[:1])
+    with pytest.raises(RewardError, match=r"reward 'broken' failed on batch prompts \['.*'\]: .*non-finite"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
