@@ -44,3 +44,23 @@ def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer]
     method_state = torch.load(path / "method_state.pt", weights_only=True)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     return {"trainer_state": trainer_state, "method_state": method_state}
+
+
+def latest_checkpoint(checkpoints_dir: Path, log=print) -> Optional[Path]:
+    """The newest complete checkpoint under `checkpoints_dir`; incomplete or corrupt ones are skipped with a message."""
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        return None
+    candidates = []
+    for p in root.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if not is_complete(p):
+            log(f"genft: skipping incomplete checkpoint {p}")
+            continue
+        try:
+            state = json.loads((p / "trainer_state.json").read_text())
+            candidates.append((int(state["round"]), p.stat().st_mtime, p))
+        except (ValueError, KeyError, OSError) as e:
+            log(f"genft: skipping corrupt checkpoint {p} ({e})")
+    return max(candidates)[2] if candidates else None

@@ -25,9 +25,44 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config_or_method, args.overrides)
     from .trainer import Trainer
 
-    result = Trainer(config).train()
+    trainer = Trainer(config)
+    with _stop_on_signals(trainer):
+        result = trainer.train()
+    if result.get("interrupted"):
+        print(f"\ninterrupted: checkpoint saved at {result['checkpoint']}; resume with resume_from=latest")
+        return 130
     _print_summary(result)
     return 0
+
+
+class _stop_on_signals:
+    """While active, SIGINT/SIGTERM ask the trainer to checkpoint and stop; a second SIGINT aborts at once."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self.trainer.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"\ngenft: got signal {signum}; saving a checkpoint after this round (Ctrl-C again to abort)", file=sys.stderr)
+        self.trainer.request_stop()
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _print_summary(result: dict) -> None:

@@ -39,7 +39,7 @@ class TrainConfig(ConfigBase):
     eval_max_prompts: int = option(0, "Evaluate on at most this many eval prompts (0: all).")
     eval_eta: float = option(1.0, "DDIM η used for evaluation samples (with fixed seeds).")
     checkpoint_every: int = option(0, "Save a checkpoint every N rounds (0: only at the end).")
-    resume_from: Optional[str] = option(None, "Checkpoint folder to resume from (weights, optimiser, RNG, round counter).")
+    resume_from: Optional[str] = option(None, "Checkpoint folder to resume from (weights, optimiser, RNG, round counter), or 'latest' for the newest complete one under output_dir/checkpoints.")
     progress: bool = option(True, "Show progress bars.")
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ import reward_models
 from reward_models import RewardError, RewardModel
 
 from ._atomic import atomic_write_text
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate_pipeline
 from .methods import get_method
 from .models import load_pipeline, resolve_device
@@ -96,7 +96,12 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.consecutive_skips = 0
         self.max_consecutive_skips = 5
-        if config.resume_from:
+        self.stop_requested = False
+        if config.resume_from == "latest":
+            found = latest_checkpoint(self.out_dir / "checkpoints")
+            if found is not None:
+                self._resume(found)
+        elif config.resume_from:
             self._resume(Path(config.resume_from))
 
     # ----- pieces of a round ------------------------------------------------------------------
@@ -203,12 +208,22 @@ class Trainer:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
             if c.eval_every and self.round % c.eval_every == 0 and self.round < c.num_rounds:
                 self.evaluate(f"round_{self.round:05d}")
+            if self.stop_requested:
+                path = self.save(self.out_dir / "checkpoints" / f"round_{self.round:05d}")
+                self.log.log({"round": self.round, "event": "interrupted", "checkpoint": str(path)})
+                bar.close()
+                return {"before": before, "after": None, "output_dir": str(self.out_dir), "interrupted": True,
+                        "checkpoint": str(path)}
             if c.checkpoint_every and self.round % c.checkpoint_every == 0:
                 self.save(self.out_dir / "checkpoints" / f"round_{self.round:05d}")
         after = self.evaluate("after")
         self.save(self.out_dir / "checkpoints" / "final")
         self.log.to_csv()
         return {"before": before, "after": after, "output_dir": str(self.out_dir)}
+
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint and return after the current round (the CLI calls this on SIGINT/SIGTERM)."""
+        self.stop_requested = True
 
     # ----- checkpoints ------------------------------------------------------------------------
     def save(self, path: Path) -> Path:
