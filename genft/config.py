@@ -6,6 +6,7 @@ Each field carries `metadata={"help": ...}`; unknown keys, wrong types and impos
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -78,6 +79,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return float(value)  # YAML 1.1 reads "1e-4" as a string; users mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
