@@ -88,10 +88,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from . import toyworld
 
+    progress = not args.no_progress
     if args.out:
-        path = toyworld.pretrain(args.out, progress=not args.no_progress)
+        path = toyworld.pretrain(args.out, progress=progress)
+    elif args.force:
+        path = toyworld.pretrain(toyworld.default_cache_dir(), progress=progress)
     else:
-        path = toyworld.load_or_pretrain(progress=not args.no_progress, force=args.force)
+        path = toyworld.load_or_pretrain(progress=progress)
     print(f"toy world: {path}")
     return 0
 

@@ -1,0 +1,82 @@
+"""Where the pretrained toy world lives on disk, how a complete copy is recognised, and build-on-first-use."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .data import PALETTE, heldout_prompts
+from .pretrain import FORMAT_VERSION, META_FILE, PretrainConfig, pretrain
+
+logger = logging.getLogger(__name__)
+CACHE_NAME = f"toyworld-v{FORMAT_VERSION}"
+# Files every complete world folder has; weights are also opened to catch truncation.
+REQUIRED_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+)
+WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+
+
+def default_cache_dir() -> Path:
+    """$GENFT_HOME/toyworld-v1, else $XDG_CACHE_HOME/genft/toyworld-v1, else ~/.cache/genft/toyworld-v1."""
+    if os.environ.get("GENFT_HOME"):
+        return Path(os.environ["GENFT_HOME"]).expanduser() / CACHE_NAME
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "genft" / CACHE_NAME
+    return Path.home() / ".cache" / "genft" / CACHE_NAME
+
+
+def validate_world(path: str | Path) -> dict:
+    """Return the folder's genft_toyworld.json if it is a complete, current toy world; else raise ValueError saying what is wrong."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} does not exist or is not a folder")
+    missing = [f for f in (META_FILE,) + REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"{path} is incomplete: missing {', '.join(missing)}")
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable metadata ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: format_version {found!r}, this genft expects {FORMAT_VERSION}")
+    if meta.get("heldout_prompts") != heldout_prompts() or meta.get("palette") != {k: list(v) for k, v in PALETTE.items()}:
+        raise ValueError(f"{path} was built for a different world definition (palette or held-out prompts differ)")
+    for f in WEIGHT_FILES:
+        try:
+            load_file(str(path / f))
+        except Exception as e:  # safetensors raises several types for truncated or garbled files
+            raise ValueError(f"{path / f} is corrupt ({type(e).__name__}: {e})") from e
+    return meta
+
+
+def load_or_pretrain(
+    cache_dir: str | Path | None = None, progress: bool = True, config: PretrainConfig | None = None
+) -> Path:
+    """Return the world folder `cache_dir` (default: default_cache_dir()), pretraining it first if absent or broken.
+
+    `config` only matters when the world has to be (re)built; an existing valid folder is returned as is.
+    """
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    try:
+        validate_world(path)
+        return path
+    except ValueError as e:
+        if path.exists():
+            logger.warning("toy world at %s is unusable (%s); rebuilding it", path, e)
+        else:
+            logger.warning("no toy world at %s yet; pretraining it (about 5 minutes on 2 CPU cores)", path)
+    return pretrain(path, config=config, progress=progress)
