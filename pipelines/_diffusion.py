@@ -218,7 +218,7 @@ class DiffusionPipeline:
         rows = torch.arange(batch)
         lat = trajectory.latents
         return self.score_transition(
-            lat[rows, k.to(lat.device)], lat[rows, (k + 1).to(lat.device)], trajectory.timesteps[k.cpu()],
+            lat[rows, k.cpu()], lat[rows, (k + 1).cpu()], trajectory.timesteps[k.cpu()],
             trajectory.prompt_embeds, trajectory.negative_prompt_embeds, trajectory.guidance_scale, trajectory.eta,
             trajectory.num_inference_steps, unet=unet, detach_uncond=detach_uncond,
             reduce=trajectory.extras.get("reduce", "mean"),

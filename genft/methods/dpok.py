@@ -121,9 +121,10 @@ class DPOK(Method):
         ks = steps.repeat(b)
         lat = trajectory.latents
         neg = trajectory.negative_prompt_embeds
+        dev = lat.device
         self.buffer.add(
-            sample=lat[rows, ks], prev_sample=lat[rows, ks + 1], timestep=trajectory.timesteps[ks],
-            step=ks, prompt_embeds=trajectory.prompt_embeds[rows],
+            sample=lat[rows, ks], prev_sample=lat[rows, ks + 1], timestep=trajectory.timesteps[ks].to(dev),
+            step=ks.to(dev), prompt_embeds=trajectory.prompt_embeds[rows],
             negative_prompt_embeds=(neg if neg is not None else trajectory.prompt_embeds)[rows],
             old_log_prob=trajectory.log_probs[rows, ks], advantage=advantages.to(lat.device)[rows],
         )
@@ -144,10 +145,11 @@ class DPOK(Method):
         c = self.config
         step = self._score(batch)
         adv = batch["advantage"].to(step.log_prob.device)
+        old_log_prob = batch["old_log_prob"].to(step.log_prob.device)
         if self.value_net is not None:
             with torch.no_grad():
                 adv = adv - self.value_net(batch["sample"], batch["step"], batch["prompt_embeds"])
-        policy = clipped_policy_loss(step.log_prob, batch["old_log_prob"], adv, c.clip_range, c.ratio_clip)
+        policy = clipped_policy_loss(step.log_prob, old_log_prob, adv, c.clip_range, c.ratio_clip)
         loss = c.reward_weight * policy.mean()
         metrics: Dict[str, float] = {}
         if c.kl_weight > 0 and round_index >= c.kl_warmup:
@@ -159,7 +161,7 @@ class DPOK(Method):
                 kl = eps_kl(step.model_output, ref.model_output)
             loss = loss + c.kl_weight * kl.mean()
             metrics["kl"] = kl.mean().item()
-        ratio = torch.exp(step.log_prob.detach() - batch["old_log_prob"])
+        ratio = torch.exp(step.log_prob.detach() - old_log_prob)
         metrics.update(
             policy_loss=policy.mean().item(),
             ratio_mean=ratio.mean().item(),
