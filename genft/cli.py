@@ -133,7 +133,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"genft: error: {e}", file=sys.stderr)
+        import os
+
+        if os.environ.get("GENFT_DEBUG"):
+            raise
+        print(f"genft: error: {e}  (set GENFT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 
