@@ -27,7 +27,7 @@ WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.
 
 
 def default_cache_dir() -> Path:
-    """$GENFT_HOME/toyworld-v1, else $XDG_CACHE_HOME/genft/toyworld-v1, else ~/.cache/genft/toyworld-v1."""
+    """$GENFT_HOME/toyworld-vN, else $XDG_CACHE_HOME/genft/toyworld-vN, else ~/.cache/genft/toyworld-vN (N = format version)."""
     if os.environ.get("GENFT_HOME"):
         return Path(os.environ["GENFT_HOME"]).expanduser() / CACHE_NAME
     if os.environ.get("XDG_CACHE_HOME"):

@@ -38,8 +38,9 @@ def build_unet(
     """A tiny pixel-space diffusers UNet2DConditionModel (3 in/out channels, 16x16) with cross-attention on text.
 
     The full-resolution level has no attention (it would double the step time); every lower level
-    and the mid block cross-attend to the text states. `pooled_text` adds `addition_embed_type="text"`: attention-pooled text states are added to the
-    time embedding, a global conditioning path that learns colours and digit identity fast.
+    and the mid block cross-attend to the text states. `pooled_text` adds `addition_embed_type="text"`:
+    attention-pooled text states join the time embedding, which modulates every ResNet by scale and
+    shift (FiLM, `resnet_time_scale_shift="scale_shift"`); this global path learns colours fast.
     """
     from diffusers import UNet2DConditionModel
 
@@ -59,26 +60,34 @@ def build_unet(
         norm_num_groups=8,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=heads,  # diffusers reads this as the number of heads
+        resnet_time_scale_shift="scale_shift",
         **extra,
     )
 
 
 def build_scheduler():
-    """The DDPM/DDIM noise schedule: 1000 linear-beta train steps, epsilon prediction, trailing spacing."""
+    """The DDPM/DDIM noise schedule: 1000 cosine-beta train steps, epsilon prediction, leading spacing.
+
+    The cosine schedule (Nichol & Dhariwal 2021) keeps more steps at the mid noise levels where a
+    16x16 digit's identity is decided; the linear one spends ~40% of them on near-pure noise.
+    Leading spacing with steps_offset=1 starts sampling at t=951 for 20 steps, not at t=999 where
+    the cosine SNR is ~2e-9 and the epsilon-to-x0 conversion is ill-conditioned; x0 is clipped.
+    """
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
         num_train_timesteps=1000,
-        beta_schedule="linear",
+        beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
         clip_sample=True,
         set_alpha_to_one=False,
-        timestep_spacing="trailing",
+        timestep_spacing="leading",
+        steps_offset=1,
     )
 
 
 class ImageEncoder(nn.Module):
-    """Tiny CNN mapping [B,3,16,16] images in [-1,1] to unit vectors; only used to train the text encoder contrastively."""
+    """Tiny CNN mapping [B,3,16,16] images in [-1,1] to feature vectors [B,dim]; trains the text encoder contrastively."""
 
     def __init__(self, dim: int, width: int = 32):
         super().__init__()
@@ -92,4 +101,4 @@ class ImageEncoder(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.net(images), dim=-1)
+        return self.net(images)

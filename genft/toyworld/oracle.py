@@ -63,8 +63,10 @@ class OracleEvaluator:
     """Measures digit, stroke colour and background colour of 16x16 toy-world images exactly.
 
     The digit comes from an SVC fitted on the real sklearn digits at construction (no pickles); the
-    colours come from the pixels: background = border median, stroke = mean of the pixels farthest
-    from the background, and the stroke mask is the projection of each pixel onto the bg->fg line.
+    colours come from the pixels: background = median of the border pixels, stroke = mean of the
+    pixels at >= 80% of the largest distance from the background, each snapped to the nearest
+    palette colour; the stroke mask is each pixel's projection onto the measured bg->fg line,
+    pooled to 8x8 on sklearn's 0..16 scale for the classifier.
     """
 
     def __init__(self, fit_indices: Sequence[int] | None = None):
@@ -78,6 +80,8 @@ class OracleEvaluator:
             raise TypeError("images must be a float tensor [B,3,16,16] in [0,1]")
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"images must have shape [B,3,{IMAGE_SIZE},{IMAGE_SIZE}], got {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch; pass at least one image")
 
     def _colour_probs(self, rgb: torch.Tensor) -> torch.Tensor:
         """Soft assignment of colours [B,3] to palette entries: softmax(-squared distance / T)."""

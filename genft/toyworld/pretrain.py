@@ -15,7 +15,7 @@ from .data import COLORS, PALETTE, TEMPLATES, caption, heldout_prompts, render, 
 from .models import ImageEncoder, build_scheduler, build_text_encoder, build_unet
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cosine schedule, FiLM UNet, factorised contrastive encoder (v1 worlds did not learn digits)
 META_FILE = "genft_toyworld.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
@@ -27,47 +27,58 @@ COMPONENTS = {
 
 @dataclass
 class PretrainConfig:
-    """Settings of the toy-world pretraining recipe; the defaults finish in about 5 minutes on 2 CPU cores."""
+    """Settings of the toy-world pretraining recipe; the defaults take about 5-6 minutes on 2 CPU cores.
+
+    Stage 1 trains the CLIP text encoder contrastively against a tiny CNN image encoder, then
+    freezes it. Stage 2 trains the UNet as an epsilon-prediction DDPM on the frozen text states.
+    Many small batches beat few large ones here: digit shapes must be learned under 20 colour
+    pairs, and that is limited by the number of updates (batch 16 x 2400 steps reaches ~90% held-out
+    digit accuracy where batch 64 x 1000 steps, about the same time, stays near 30%).
+    """
 
     seed: int = field(default=0, metadata={"help": "Seed for weights, data and evaluation noise."})
     text_hidden_size: int = field(default=64, metadata={"help": "Width of the CLIP text encoder (and of the UNet's cross-attention)."})
     text_layers: int = field(default=2, metadata={"help": "Transformer layers in the text encoder."})
-    contrastive_steps: int = field(default=300, metadata={"help": "Steps of CLIP-style InfoNCE training of the text encoder against a tiny CNN image encoder, before it is frozen."})
+    contrastive_steps: int = field(default=800, metadata={"help": "Steps of CLIP-style InfoNCE training of the text encoder (joint + per-attribute terms) before it is frozen."})
     contrastive_batch_size: int = field(default=128, metadata={"help": "Image-caption pairs per contrastive step."})
-    contrastive_lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the contrastive stage."})
-    unet_channels: tuple[int, ...] = field(default=(32, 64), metadata={"help": "UNet block_out_channels, one entry per resolution level (16x16, 8x8, ...)."})
+    contrastive_lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate of the contrastive stage (cosine decay to 10%)."})
+    unet_channels: tuple[int, ...] = field(default=(32, 64), metadata={"help": "UNet block_out_channels, one entry per resolution level (16x16, 8x8, ...); multiples of 8."})
     unet_layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per UNet block."})
     pooled_text: bool = field(default=True, metadata={"help": "Add attention-pooled text states to the time embedding (diffusers addition_embed_type='text'): a fast global conditioning path."})
-    unet_steps: int = field(default=700, metadata={"help": "DDPM (epsilon-prediction) training steps of the UNet."})
-    batch_size: int = field(default=64, metadata={"help": "Images per UNet training step."})
-    lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the UNet (linear warm-up, then cosine decay to 10%)."})
+    unet_steps: int = field(default=2400, metadata={"help": "DDPM (epsilon-prediction) training steps of the UNet."})
+    batch_size: int = field(default=16, metadata={"help": "Images per UNet training step."})
+    lr: float = field(default=1.5e-3, metadata={"help": "AdamW learning rate of the UNet (linear warm-up, then constant; the saved weights are the EMA)."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear learning-rate warm-up steps of the UNet."})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "Min-SNR-gamma loss weight min(SNR, gamma)/SNR (Hang et al. 2023), which stops near-clean steps dominating; 0 disables."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Probability of replacing a caption by '' so classifier-free guidance works (the unconditional embedding is the encoding of '')."})
     ema_decay: float = field(default=0.99, metadata={"help": "Decay of the exponential moving average of UNet weights that is saved; 0 saves the raw weights."})
     eval_images_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt for the oracle evaluation stored with the model; 0 skips it."})
     eval_inference_steps: int = field(default=20, metadata={"help": "DDIM steps of the evaluation sampler."})
     eval_guidance_scale: float = field(default=3.0, metadata={"help": "Classifier-free guidance scale of the evaluation sampler."})
-    eval_eta: float = field(default=0.0, metadata={"help": "DDIM eta of the evaluation sampler (0 deterministic, 1 DDPM-like)."})
+    eval_etas: tuple[float, ...] = field(default=(1.0, 0.0), metadata={"help": "DDIM etas to evaluate with (1 is DDPM-like and stochastic, 0 deterministic); one result each."})
 
     def __post_init__(self):
         self.unet_channels = tuple(int(c) for c in self.unet_channels)
+        self.eval_etas = tuple(float(e) for e in self.eval_etas)
         positive = ("text_hidden_size", "text_layers", "contrastive_batch_size", "unet_layers_per_block", "batch_size", "eval_inference_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("contrastive_steps", "unet_steps", "warmup_steps", "eval_images_per_prompt"):
+        for name in ("contrastive_steps", "unet_steps", "warmup_steps", "eval_images_per_prompt", "min_snr_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.text_hidden_size % 4:
             raise ValueError(f"PretrainConfig.text_hidden_size must be a multiple of 4 (attention heads), got {self.text_hidden_size}")
-        if not self.unet_channels or any(c < 8 or c % 8 for c in self.unet_channels):
-            raise ValueError(f"PretrainConfig.unet_channels must be multiples of 8 (group norm), got {self.unet_channels}")
+        if not 2 <= len(self.unet_channels) <= 4 or any(c < 8 or c % 8 for c in self.unet_channels):
+            raise ValueError(f"PretrainConfig.unet_channels must be 2 to 4 multiples of 8 (group norm), got {self.unet_channels}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"PretrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"PretrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.contrastive_lr <= 0:
             raise ValueError(f"PretrainConfig learning rates must be > 0, got lr={self.lr}, contrastive_lr={self.contrastive_lr}")
+        if any(e < 0 for e in self.eval_etas):
+            raise ValueError(f"PretrainConfig.eval_etas must be >= 0, got {self.eval_etas}")
 
 
 def _tokenize(tokenizer, texts: Sequence[str]) -> torch.Tensor:
@@ -94,30 +105,52 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10% of the peak."""
+    """Linear warm-up then cosine decay to 10% of the peak (contrastive stage)."""
     if step < warmup:
         return (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def train_text_encoder(text_encoder, tokenizer, config: PretrainConfig, progress: bool = True) -> dict:
-    """Stage 1: CLIP-style InfoNCE of text encoder vs a tiny CNN image encoder on training combinations.
+def _soft_infonce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair with equal labels is a positive (soft, row-normalised targets)."""
+    same = (labels[:, None] == labels[None, :]).float()
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * ((-target * logits.log_softmax(1)).sum(1).mean() + (-target * logits.T.log_softmax(1)).sum(1).mean())
 
-    Captions of the same (digit, fg, bg) are all positives for each other (soft targets), so repeated
-    combinations in a batch are not treated as negatives. Returns stats and the proxy CLIP parts.
+
+CONTRASTIVE_HEADS = ("joint", "digit", "fg", "bg")
+
+
+def train_text_encoder(text_encoder, tokenizer, config: PretrainConfig, progress: bool = True) -> dict:
+    """Stage 1: CLIP-style InfoNCE of the text encoder's pooled output vs a tiny CNN image encoder.
+
+    Four InfoNCE terms share the two encoders, each through its own pair of linear heads: one on
+    the whole (digit, fg, bg) combination and one per attribute. The per-attribute terms make the
+    text states factorised (digit, stroke and background colour each linearly readable), which is
+    what lets the UNet generalise to held-out combinations. Equal labels are positives (soft
+    targets), so repeated combinations in a batch are not negatives. Returns stats and the proxy
+    CLIP parts (image encoder and joint heads).
     """
     gen = torch.Generator().manual_seed(config.seed + 1)
     torch.manual_seed(config.seed + 2)
     dim = config.text_hidden_size
     image_encoder = ImageEncoder(dim)
-    text_proj = torch.nn.Linear(dim, dim, bias=False)
+    img_heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, dim, bias=False) for k in CONTRASTIVE_HEADS})
+    txt_heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, dim, bias=False) for k in CONTRASTIVE_HEADS})
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = list(text_encoder.parameters()) + list(image_encoder.parameters()) + list(text_proj.parameters()) + [logit_scale]
+    modules = (text_encoder, image_encoder, img_heads, txt_heads)
+    params = [p for m in modules for p in m.parameters()] + [logit_scale]
     opt = torch.optim.AdamW(params, lr=config.contrastive_lr, weight_decay=0.01)
     combos = train_combos()
     texts, combo_of_text = _train_captions()
     all_ids = _tokenize(tokenizer, texts)
+    attr = {
+        "joint": torch.arange(len(combos)),
+        "digit": torch.tensor([c.digit for c in combos]),
+        "fg": torch.tensor([COLORS.index(c.fg) for c in combos]),
+        "bg": torch.tensor([COLORS.index(c.bg) for c in combos]),
+    }
     text_encoder.train()
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -128,12 +161,13 @@ def train_text_encoder(text_encoder, tokenizer, config: PretrainConfig, progress
         pick = torch.randint(len(texts), (config.contrastive_batch_size,), generator=gen)
         cid = combo_of_text[pick]
         images = render([combos[i] for i in cid.tolist()], generator=gen) * 2 - 1
-        txt = F.normalize(text_proj(text_encoder(all_ids[pick]).pooler_output), dim=-1)
-        img = image_encoder(images)
-        logits = logit_scale.exp().clamp(max=100) * img @ txt.T
-        same = (cid[:, None] == cid[None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.T.log_softmax(1), 1).mean())
+        txt_feat = text_encoder(all_ids[pick]).pooler_output
+        img_feat = image_encoder(images)
+        scale = logit_scale.exp().clamp(max=100)
+        loss = sum(
+            _soft_infonce(scale * F.normalize(img_heads[k](img_feat), dim=-1) @ F.normalize(txt_heads[k](txt_feat), dim=-1).T, attr[k][cid])
+            for k in CONTRASTIVE_HEADS
+        ) / len(CONTRASTIVE_HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -147,7 +181,8 @@ def train_text_encoder(text_encoder, tokenizer, config: PretrainConfig, progress
         "contrastive_seconds": round(time.perf_counter() - t0, 2),
         "contrastive_steps": config.contrastive_steps,
         "contrastive_final_loss": round(sum(tail) / len(tail), 4) if tail else None,
-        "proxy_clip": {"image_encoder": image_encoder, "text_projection": text_proj, "logit_scale": logit_scale.detach()},
+        "proxy_clip": {"image_encoder": image_encoder, "image_head": img_heads["joint"], "text_head": txt_heads["joint"],
+                       "logit_scale": logit_scale.detach()},
     }
 
 
@@ -179,7 +214,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, config: PretrainConfig,
     bar = _progress(config.unet_steps, "toyworld 2/2 unet (ddpm)", progress)
     for step in range(config.unet_steps):
         for g in opt.param_groups:
-            g["lr"] = config.lr * _lr_factor(step, config.unet_steps, config.warmup_steps)
+            g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         pick = torch.randint(len(combo_of_text), (config.batch_size,), generator=gen)
         x0 = render([combos[i] for i in combo_of_text[pick].tolist()], generator=gen) * 2 - 1
         cond = cond_table[pick].clone()
@@ -189,7 +224,11 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, config: PretrainConfig,
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+        per_sample = (unet(xt, t, encoder_hidden_states=cond).sample - noise).pow(2).mean((1, 2, 3))
+        if config.min_snr_gamma > 0:
+            snr = alphas[t] / (1 - alphas[t])
+            per_sample = per_sample * snr.clamp(max=config.min_snr_gamma) / snr
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -207,6 +246,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, config: PretrainConfig,
         "unet_seconds": round(time.perf_counter() - t0, 2),
         "unet_steps": config.unet_steps,
         "final_loss": round(sum(tail) / len(tail), 5) if tail else None,
+        "final_loss_is": "epsilon MSE with the min-SNR weight, mean of the last 50 steps",
     }
     return (ema if ema is not None else unet).eval(), stats
 
@@ -243,11 +283,13 @@ def _save_proxy_clip(directory: Path, parts: dict) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"image_encoder.{k}": v.contiguous() for k, v in parts["image_encoder"].state_dict().items()}
-    tensors.update({f"text_projection.{k}": v.contiguous() for k, v in parts["text_projection"].state_dict().items()})
+    tensors = {}
+    for name in ("image_encoder", "image_head", "text_head"):
+        tensors.update({f"{name}.{k}": v.detach().contiguous() for k, v in parts[name].state_dict().items()})
     tensors["logit_scale"] = parts["logit_scale"].reshape(1)
     save_file(tensors, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"dim": parts["text_projection"].in_features, "image_encoder_width": 32}))
+    dim = parts["text_head"].in_features
+    (directory / "config.json").write_text(json.dumps({"dim": dim, "image_encoder_width": 32, "text_features": "pooler_output"}))
 
 
 def pretrain(out_dir: str | Path, config: PretrainConfig | None = None, progress: bool = True) -> Path:
@@ -276,13 +318,14 @@ def pretrain(out_dir: str | Path, config: PretrainConfig | None = None, progress
         _save_proxy_clip(tmp / "proxy_clip", stage1.pop("proxy_clip"))
         (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
         train_seconds = time.perf_counter() - t_start
-        heldout = None
+        heldout = []
         if config.eval_images_per_prompt:
             from pipelines import DiffusionPipeline
 
             pipe = DiffusionPipeline.from_pretrained(tmp)
-            heldout = evaluate_heldout(pipe, config.eval_images_per_prompt, config.eval_inference_steps,
-                                       config.eval_guidance_scale, config.eval_eta, seed=config.seed)
+            for eta in config.eval_etas:
+                heldout.append(evaluate_heldout(pipe, config.eval_images_per_prompt, config.eval_inference_steps,
+                                                config.eval_guidance_scale, eta, seed=config.seed))
         meta = {
             "format_version": FORMAT_VERSION,
             "palette": PALETTE,
