@@ -5,6 +5,7 @@ Each field carries `metadata={"help": ...}`; unknown keys, wrong types and impos
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -23,7 +24,7 @@ class ConfigError(ValueError):
 def option(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse's name
     """A dataclass field with a default and help text (lists/dicts get a default_factory)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -36,6 +37,9 @@ def _type_name(tp: Any) -> str:
     if origin in (list, List, tuple, Tuple):
         args = typing.get_args(tp)
         return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Dict):
+        args = typing.get_args(tp)
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -52,20 +56,29 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        container_error = None
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(name, value, a)
             except ConfigError as e:
-                errors.append(str(e))
+                a_origin = typing.get_origin(a)
+                if (isinstance(value, dict) and a_origin in (dict, Dict)) or (isinstance(value, list) and a_origin in (list, List)):
+                    container_error = e  # the value's shape picks the branch: report what is wrong inside it
+        if container_error is not None:
+            raise container_error
         raise ConfigError(f"{name}={value!r} has the wrong type; expected {_type_name(tp)}")
     if origin in (list, List, tuple, Tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r} must be a list ({_type_name(tp)}), e.g. {name}=[a,b]")
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         return [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} must be a mapping ({_type_name(tp)}), e.g. {name}={{a: 1.0, b: 0.5}}")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(f"{name} key", k, key_tp): _coerce(f"{name}[{k!r}]", v, value_tp) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}={value!r} must be true or false")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from .config import ConfigBase, ConfigError, option
 
@@ -13,7 +13,8 @@ class TrainConfig(ConfigBase):
 
     method: str = option("dpok", "Which finetuner runs: a name from genft.methods (e.g. 'dpok').")
     model: str = option("toyworld", "Base generator: 'toyworld' (the cached toy world, pretrained on first use), a hub id, or a local diffusers folder.")
-    reward: str = option("toy_oracle", "Reward to optimise: a registered name (see reward_models.available()), or 'module:Class'.")
+    reward: Union[str, Dict[str, float]] = option("toy_oracle", "Reward to optimise: a registered name (see reward_models.available()), 'module:Class', or a mapping {name: weight} for a weighted sum whose parts are logged separately.")
+    reward_options: Dict[str, Dict[str, Any]] = option({}, "Constructor arguments per reward name, e.g. {clip_score: {model: ViT-B-32, pretrained: /path/to/weights.bin, device: cuda}}.")
     eval_rewards: List[str] = option(["toy_oracle_accuracy"], "Held-out rewards measured at evaluation only, never optimised.")
     prompts: str = option("toyworld:train", "Training prompts: 'toyworld:train', 'toyworld:heldout', or a text file with one prompt per line.")
     eval_prompts: str = option("toyworld:heldout", "Evaluation prompts, same forms as `prompts`.")
@@ -28,6 +29,8 @@ class TrainConfig(ConfigBase):
     num_rounds: int = option(20, "Sampling rounds: each samples a batch, scores it and runs the method's updates.")
     prompts_per_round: int = option(8, "Distinct prompts sampled per round.")
     samples_per_prompt: int = option(4, "Images per prompt per round (the group for per-prompt advantage normalisation).")
+    rollout_chunk_size: int = option(0, "Roll out the round's batch in chunks of this many samples (0: all at once); bounds sampling memory.")
+    async_reward: bool = option(False, "Score each rollout chunk on a background thread while the next chunk is sampled (needs rollout_chunk_size > 0 to overlap).")
     learning_rate: float = option(1e-5, "AdamW learning rate for the generator.")
     adam_beta1: float = option(0.9, "AdamW β1.")
     adam_beta2: float = option(0.999, "AdamW β2.")
@@ -48,7 +51,7 @@ class TrainConfig(ConfigBase):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ["eval_every", "checkpoint_every", "eval_max_prompts"]:
+        for name in ["eval_every", "checkpoint_every", "eval_max_prompts", "rollout_chunk_size"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         if not self.learning_rate > 0:
@@ -63,7 +66,12 @@ class TrainConfig(ConfigBase):
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm} and weight_decay={self.weight_decay} must be >= 0")
         if not self.reward:
-            raise ConfigError("reward is empty; name a reward, e.g. reward=jpeg_compressibility")
+            raise ConfigError("reward is empty; name a reward, e.g. reward=jpeg_compressibility, or give {name: weight, ...}")
+        named = set(self.reward) if isinstance(self.reward, dict) else {self.reward}
+        unknown = sorted(set(self.reward_options) - named - set(self.eval_rewards))
+        if unknown:
+            raise ConfigError(f"reward_options names {unknown}, which are neither in reward nor eval_rewards ({sorted(named | set(self.eval_rewards))}); "
+                              "fix the name or add the reward")
         if not self.output_dir:
             raise ConfigError("output_dir is empty; give a folder for the run's outputs")
 

@@ -15,8 +15,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-import reward_models
-from reward_models import RewardError, RewardModel
+from pipelines import Trajectory
+from reward_models import RewardError, RewardModel, WeightedSum
+from reward_models.combine import AsyncScorer, score_with_components
 
 from ._atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -24,6 +25,7 @@ from .evaluation import evaluate_pipeline
 from .methods import get_method
 from .models import load_pipeline, resolve_device
 from .prompts import load_prompts
+from .reward_setup import build_eval_rewards, build_reward
 from .tracking import RunLog
 from .train_config import TrainConfig
 
@@ -65,10 +67,12 @@ class Trainer:
         if not self.prompts or not self.eval_prompts:
             raise ValueError("prompts and eval_prompts must each hold at least one prompt")
         self.device = resolve_device(config.device)
-        self.reward = reward_models.load(reward if reward is not None else config.reward)
+        self.reward = build_reward(reward if reward is not None else config.reward, config.reward_options,
+                                   differentiable=getattr(method_cls, "needs_reward_gradient", False))
         if eval_rewards is None:
-            eval_rewards = {name: reward_models.load(name) for name in config.eval_rewards}
-        self.eval_rewards = {self.reward.name: self.reward, **eval_rewards}
+            eval_rewards = build_eval_rewards(config.eval_rewards, config.reward_options)
+        parts = dict(self.reward.parts.items()) if isinstance(self.reward, WeightedSum) else {}
+        self.eval_rewards = {self.reward.name: self.reward, **parts, **eval_rewards}
         for r in self.eval_rewards.values():
             r.to(self.device)
         if accelerator is None:
@@ -97,6 +101,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.max_consecutive_skips = 5
         self.stop_requested = False
+        self.last_reward_parts: Dict[str, float] = {}
         if config.resume_from == "latest":
             found = latest_checkpoint(self.out_dir / "checkpoints")
             if found is not None:
@@ -114,12 +119,62 @@ class Trainer:
         return [p for p in chosen for _ in range(c.samples_per_prompt)]
 
     def score(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
-        """Rewards for a batch; a reward failure is reported with the batch's prompts."""
+        """Rewards for a batch (parts of a weighted sum kept in `last_reward_parts` for the log).
+
+        A reward failure is reported with the batch's prompts.
+        """
         try:
-            return self.reward(images, prompts).to(self.device)
+            total, parts = score_with_components(self.reward, images, prompts)
+            self.last_reward_parts = {k: v.mean().item() for k, v in parts.items()} if len(parts) > 1 else {}
+            return total.to(self.device)
         except Exception as e:
             shown = prompts[:4] + (["..."] if len(prompts) > 4 else [])
             raise RewardError(f"reward {self.reward.name!r} failed on batch prompts {shown}: {e}") from e
+
+    def sample_and_score(self, prompts: List[str], generators: List[torch.Generator]):
+        """Roll out the round's batch (in chunks if configured) and score it.
+
+        With `async_reward`, chunk k is scored on a background thread while chunk k+1 is sampled.
+        Per-sample generators make the result identical whatever the chunking.
+        """
+        c = self.config
+        step = c.rollout_chunk_size or len(prompts)
+        spans = [(i, min(i + step, len(prompts))) for i in range(0, len(prompts), step)]
+        self.pipeline.unet.eval()
+        parts, futures = [], []
+        scorer = AsyncScorer(self.reward) if c.async_reward else None
+        try:
+            for a, b in spans:
+                part = self.pipeline.rollout(prompts[a:b], generator=generators[a:b], num_inference_steps=c.num_inference_steps,
+                                             guidance_scale=c.guidance_scale, eta=c.eta)
+                parts.append(part)
+                if scorer is not None:
+                    futures.append(scorer.submit(part.images, prompts[a:b]))
+            traj = parts[0] if len(parts) == 1 else Trajectory.cat(parts)
+            if scorer is None:
+                rewards = self.score(traj.images, prompts)
+            else:
+                rewards = self._gather_scores(futures, spans, prompts)
+        finally:
+            if scorer is not None:
+                scorer.close()
+            self.pipeline.unet.train()
+        return traj, rewards
+
+    def _gather_scores(self, futures, spans, prompts: List[str]) -> torch.Tensor:
+        totals, sums, counts = [], {}, 0
+        for fut, (a, b) in zip(futures, spans):
+            try:
+                total, parts = fut.result()
+            except Exception as e:
+                shown = prompts[a:b][:4] + (["..."] if b - a > 4 else [])
+                raise RewardError(f"reward {self.reward.name!r} failed on batch prompts {shown}: {e}") from e
+            totals.append(total.to(self.device))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.sum().item()
+            counts += b - a
+        self.last_reward_parts = {k: v / counts for k, v in sums.items()} if len(sums) > 1 else {}
+        return torch.cat(totals)
 
     def update(self, round_index: int) -> Dict[str, float]:
         """Run the method's minibatches; one optimiser step per `gradient_accumulation_steps` of them."""
@@ -191,11 +246,7 @@ class Trainer:
             t0 = time.time()
             prompts = self.round_prompts(r)
             gens = [torch.Generator(device=self.device).manual_seed(_round_seed(c.seed, r, i + 1)) for i in range(len(prompts))]
-            self.pipeline.unet.eval()
-            traj = self.pipeline.rollout(prompts, generator=gens, num_inference_steps=c.num_inference_steps,
-                                         guidance_scale=c.guidance_scale, eta=c.eta)
-            self.pipeline.unet.train()
-            rewards = self.score(traj.images, prompts)
+            traj, rewards = self.sample_and_score(prompts, gens)
             advantages = self.method.advantages(rewards, prompts)
             self.method.collect(traj, advantages, rewards)
             t1 = time.time()
@@ -203,6 +254,7 @@ class Trainer:
             metrics.update(self.method.extra_step(r))
             self.round = r + 1
             record = {"round": self.round, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                      **{f"reward/{k}": v for k, v in self.last_reward_parts.items()},
                       "rollout_s": t1 - t0, "update_s": time.time() - t1, **metrics}
             self.log.log(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")

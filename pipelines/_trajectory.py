@@ -62,3 +62,26 @@ class Trajectory:
             for f in fields(self)
         }
         return replace(self, **kwargs)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Trajectory"]) -> "Trajectory":
+        """One trajectory from sub-batches rolled out with the same sampler settings (batch order kept)."""
+        if not parts:
+            raise ValueError("Trajectory.cat needs at least one trajectory")
+        first = parts[0]
+        for p in parts[1:]:
+            same = (p.guidance_scale == first.guidance_scale and p.eta == first.eta
+                    and p.num_inference_steps == first.num_inference_steps and torch.equal(p.timesteps, first.timesteps))
+            if not same:
+                raise ValueError("Trajectory.cat: parts differ in guidance_scale, eta or timesteps; roll them out with the same settings")
+        per_sample = {"latents", "log_probs", "prompt_embeds", "negative_prompt_embeds", "images"}
+        kwargs = {}
+        for f in fields(first):
+            v = getattr(first, f.name)
+            if f.name in per_sample and v is not None:
+                kwargs[f.name] = torch.cat([getattr(p, f.name) for p in parts])
+            elif f.name == "prompts":
+                kwargs[f.name] = [q for p in parts for q in p.prompts]
+            else:
+                kwargs[f.name] = v
+        return replace(first, **kwargs)

@@ -5,12 +5,16 @@ This package never imports `genft` or `pipelines`.
 """
 from ._base import RewardError, RewardModel, check_images, check_rewards
 from ._registry import available, load, register
+from .combine import AsyncScorer, WeightedSum, score_with_components
 from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 
 register("jpeg_compressibility", JpegCompressibility)
 register("jpeg_incompressibility", JpegIncompressibility)
 
 __all__ = [
+    "AsyncScorer",
+    "WeightedSum",
+    "score_with_components",
     "JpegCompressibility",
     "JpegIncompressibility",
     "RewardError",
