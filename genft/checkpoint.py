@@ -1,15 +1,53 @@
 """Checkpoints: weights (safetensors via save_pretrained), optimiser, method state, loop counters; written atomically."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from ._atomic import atomic_dir
 
 _COMPLETE = "COMPLETE"
+_MANIFEST = "manifest.json"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint folder is incomplete, or a file in it no longer matches its recorded size/hash."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record every file's size and SHA-256 so a later resume can detect truncation or bit rot."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (_MANIFEST, _COMPLETE))
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / _MANIFEST).write_text(json.dumps(entries, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CorruptCheckpointError naming the first missing, truncated or altered file."""
+    path = Path(path)
+    if not (path / _COMPLETE).is_file():
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} is incomplete (no {_COMPLETE} marker): it was interrupted while being written")
+    try:
+        entries = json.loads((path / _MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} has no readable {_MANIFEST} ({e})") from e
+    for rel, meta in entries.items():
+        f = path / rel
+        if not f.is_file():
+            raise CorruptCheckpointError(f"checkpoint {str(path)!r} lost {rel}")
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            raise CorruptCheckpointError(f"checkpoint {str(path)!r}: {rel} does not match its recorded size/hash (corrupt)")
 
 
 def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_state: Dict[str, Any],
@@ -20,6 +58,7 @@ def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_s
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(method_state, tmp / "method_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        _write_manifest(tmp)
         (tmp / _COMPLETE).write_text("ok\n")
     return path
 
@@ -29,28 +68,36 @@ def is_complete(path: Path) -> bool:
 
 
 def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
-    """Load weights and optimiser in place; returns {"trainer_state", "method_state"}. Refuses incomplete folders."""
+    """Load weights and optimiser in place; returns {"trainer_state", "method_state"}.
+
+    Every file is checked against the manifest before anything is loaded, so a corrupt checkpoint
+    raises CorruptCheckpointError and leaves the model and optimiser untouched.
+    """
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"resume_from={str(path)!r} is not a complete genft checkpoint (no {_COMPLETE} marker)")
+    verify_checkpoint(path)
     from safetensors.torch import load_file
 
+    # Read everything first, apply after: a refusal below leaves the model and optimiser as they were.
     weights = next((path / "unet").glob("*.safetensors"))
-    missing, unexpected = unet.load_state_dict(load_file(str(weights)), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = load_file(str(weights))
+    optim_state = torch.load(path / "optimizer.pt", weights_only=True) if optimizer is not None else None
     method_state = torch.load(path / "method_state.pt", weights_only=True)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
+    expected = set(unet.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    unet.load_state_dict(state, strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(optim_state)
     return {"trainer_state": trainer_state, "method_state": method_state}
 
 
-def latest_checkpoint(checkpoints_dir: Path, log=print) -> Optional[Path]:
-    """The newest complete checkpoint under `checkpoints_dir`; incomplete or corrupt ones are skipped with a message."""
+def checkpoints_newest_first(checkpoints_dir: Path, log=print) -> List[Path]:
+    """Checkpoint folders under `checkpoints_dir`, newest round first; unreadable ones are skipped with a message."""
     root = Path(checkpoints_dir)
     if not root.is_dir():
-        return None
+        return []
     candidates = []
     for p in root.iterdir():
         if not p.is_dir() or p.name.startswith("."):
@@ -63,4 +110,15 @@ def latest_checkpoint(checkpoints_dir: Path, log=print) -> Optional[Path]:
             candidates.append((int(state["round"]), p.stat().st_mtime, p))
         except (ValueError, KeyError, OSError) as e:
             log(f"genft: skipping corrupt checkpoint {p} ({e})")
-    return max(candidates)[2] if candidates else None
+    return [p for _, _, p in sorted(candidates, reverse=True)]
+
+
+def latest_checkpoint(checkpoints_dir: Path, log=print) -> Optional[Path]:
+    """The newest checkpoint that passes `verify_checkpoint`; newer corrupt ones are skipped with a message."""
+    for p in checkpoints_newest_first(checkpoints_dir, log):
+        try:
+            verify_checkpoint(p)
+            return p
+        except CorruptCheckpointError as e:
+            log(f"genft: {e}; falling back to the previous checkpoint")
+    return None
