@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines import DiffusionPipeline
+from pipelines import DiffusionPipeline, detect_family
+
+from .config import ConfigError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -28,3 +30,13 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True) -> Di
         if Path(model).exists() and not (Path(model) / "unet").is_dir():
             raise ValueError(f"model={model!r} is a folder without a unet/ subfolder; point it at a diffusers pipeline folder")
     return DiffusionPipeline.from_pretrained(path, device=device)
+
+
+def check_method_fits_model(method_cls, model: str) -> None:
+    """Refuse, before loading anything, a method that cannot drive the model's generator family."""
+    family = "diffusion" if model == "toyworld" else detect_family(model)
+    if family is not None and family not in method_cls.families:
+        raise ConfigError(
+            f"method={method_cls.name!r} works on {'/'.join(method_cls.families)} generators, but model={model!r} is a "
+            f"{family} model; pick a method for {family} models or a {method_cls.families[0]} model"
+        )

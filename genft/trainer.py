@@ -23,10 +23,11 @@ from ._atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import evaluate_pipeline
 from .methods import get_method
-from .models import load_pipeline, resolve_device
+from .models import check_method_fits_model, load_pipeline, resolve_device
 from .prompts import load_prompts
 from .reward_setup import build_eval_rewards, build_reward
 from .tracking import RunLog
+from .config import ConfigError
 from .train_config import TrainConfig
 
 
@@ -66,9 +67,20 @@ class Trainer:
             self.eval_prompts = self.eval_prompts[: config.eval_max_prompts]
         if not self.prompts or not self.eval_prompts:
             raise ValueError("prompts and eval_prompts must each hold at least one prompt")
+        if pipeline is None:
+            check_method_fits_model(method_cls, config.model)
         self.device = resolve_device(config.device)
-        self.reward = build_reward(reward if reward is not None else config.reward, config.reward_options,
-                                   differentiable=getattr(method_cls, "needs_reward_gradient", False))
+        try:
+            self.reward = build_reward(reward if reward is not None else config.reward, config.reward_options,
+                                       differentiable=method_cls.needs_reward_gradient)
+        except ValueError as e:
+            if method_cls.needs_reward_gradient and "differentiable" in str(e):
+                raise ConfigError(f"method={config.method!r} back-propagates through the reward, so reward={config.reward!r} "
+                                  f"must have a differentiable mode: {e}") from e
+            raise
+        if method_cls.needs_reward_gradient and not self.reward.differentiable:
+            raise ConfigError(f"method={config.method!r} back-propagates through the reward, but the reward instance "
+                              f"{self.reward.name!r} was built with differentiable=False; build it with differentiable=True")
         if eval_rewards is None:
             eval_rewards = build_eval_rewards(config.eval_rewards, config.reward_options)
         parts = dict(self.reward.parts.items()) if isinstance(self.reward, WeightedSum) else {}

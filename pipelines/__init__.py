@@ -6,11 +6,14 @@ This package never imports `genft` or `reward_models`.
 """
 from ._ddim import ddim_prev_timestep, ddim_step
 from ._diffusion import DiffusionPipeline
+from ._family import FAMILIES, detect_family
 from ._gaussian import GaussianStep, gaussian_kl, gaussian_log_prob
 from ._trajectory import Trajectory
 
 __all__ = [
     "DiffusionPipeline",
+    "FAMILIES",
+    "detect_family",
     "GaussianStep",
     "Trajectory",
     "ddim_prev_timestep",

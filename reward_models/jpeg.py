@@ -27,8 +27,8 @@ class JpegCompressibility(RewardModel):
 
     name = "jpeg_compressibility"
 
-    def __init__(self, quality: int = 95):
-        super().__init__()
+    def __init__(self, quality: int = 95, **kwargs):
+        super().__init__(**kwargs)
         if not 1 <= quality <= 100:
             raise ValueError(f"quality must be in 1..100, got {quality}")
         self.quality = quality

@@ -20,6 +20,10 @@ class Method:
 
     name = "base"
     config_class = TrainConfig
+    #: generator families (pipelines.FAMILIES) this method can drive; checked before a model loads.
+    families: Tuple[str, ...] = ("diffusion",)
+    #: first-order methods back-propagate through the reward and need `differentiable=True` rewards.
+    needs_reward_gradient: bool = False
 
     def __init__(self, config: TrainConfig, pipeline, reference_unet: torch.nn.Module):
         self.config = config

@@ -16,8 +16,8 @@ class ToyOracleAccuracy(RewardModel):
     name = "toy_oracle_accuracy"
     differentiable = False
 
-    def __init__(self, oracle: Optional[OracleEvaluator] = None):
-        super().__init__()
+    def __init__(self, oracle: Optional[OracleEvaluator] = None, **kwargs):
+        super().__init__(**kwargs)
         self.oracle = oracle if oracle is not None else OracleEvaluator()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -150,8 +150,8 @@ class ToyOracleReward(RewardModel):
     name = "toy_oracle"
     differentiable = False
 
-    def __init__(self, oracle: OracleEvaluator | None = None):
-        super().__init__()
+    def __init__(self, oracle: OracleEvaluator | None = None, **kwargs):
+        super().__init__(**kwargs)
         self.oracle = oracle if oracle is not None else OracleEvaluator()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
