@@ -95,6 +95,11 @@ class Trainer:
 
         self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model, self.device, config.progress)
         self.pipeline.to(self.device)
+        for field_name, prompt_set in (("prompts", self.prompts), ("eval_prompts", self.eval_prompts)):
+            try:  # every prompt, before the first sample: a bad one must not stop the run hours in
+                self.pipeline.check_prompts(prompt_set, field_name=f"{field_name}: prompt", allow_empty=False)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         self.pipeline.text_encoder.requires_grad_(False)
         if self.pipeline.vae is not None:
             self.pipeline.vae.requires_grad_(False)

@@ -83,18 +83,30 @@ class DiffusionPipeline:
         return self.storage_dtype or next(self.unet.parameters()).dtype
 
     # ----- text --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states [B, L, D]; refuses prompts the tokenizer would truncate."""
+    def check_prompts(self, prompts: Sequence[str], field_name: str = "prompt", allow_empty: bool = True) -> list:
+        """Token ids padded to the encoder's length; raises for prompts it would truncate (and empty ones unless allowed).
+
+        The empty prompt is the unconditional input of classifier-free guidance, hence allowed by default.
+        """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
         max_len = self.tokenizer.model_max_length
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=False, return_tensors=None)["input_ids"]
         for p, seq in zip(prompts, ids):
+            if not allow_empty and not p.strip():
+                raise ValueError(f"{field_name} {p!r} is empty; every prompt needs text")
             if len(seq) > max_len:
                 raise ValueError(
-                    f"prompt {p!r} is {len(seq)} tokens long but the text encoder takes at most {max_len}; shorten it"
+                    f"{field_name} {p!r} is {len(seq)} tokens long but the text encoder takes at most {max_len}; shorten it"
                 )
+        return ids
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D]; refuses prompts the tokenizer would truncate."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string")
+        ids = self.check_prompts(prompts)
         ids = torch.tensor(ids, dtype=torch.long, device=self.text_encoder.device)
         return self.text_encoder(ids)[0].to(self.unet.dtype)
 

@@ -5,6 +5,7 @@ This package never imports `genft` or `pipelines`.
 """
 from ._base import RewardError, RewardModel, check_images, check_rewards
 from ._registry import available, load, register
+from .client import RemoteReward, RemoteRewardError
 from .combine import AsyncScorer, WeightedSum, score_with_components
 from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 
@@ -12,6 +13,8 @@ register("jpeg_compressibility", JpegCompressibility)
 register("jpeg_incompressibility", JpegIncompressibility)
 
 __all__ = [
+    "RemoteReward",
+    "RemoteRewardError",
     "AsyncScorer",
     "WeightedSum",
     "score_with_components",

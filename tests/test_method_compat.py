@@ -60,3 +60,14 @@ def test_first_order_method_refuses_a_reward_without_gradients(tmp_path, monkeyp
     cfg.method = "first_order_probe"
     with pytest.raises(ConfigError, match=r"first_order_probe.*differentiable.*jpeg_compressibility"):
         genft.Trainer(cfg, prompts=["a cat"], eval_prompts=["a cat"])
+
+
+def test_over_long_prompt_is_refused_before_the_first_sample(tmp_path, monkeypatch):
+    pipe = tiny_diffusion_pipeline()
+    monkeypatch.setattr(type(pipe), "rollout", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled")))
+    cfg = genft.load_config(reward="jpeg_compressibility", eval_rewards=[], output_dir=str(tmp_path / "run"))
+    long_prompt = " ".join(["red"] * 40)
+    with pytest.raises(ConfigError, match=r"eval_prompts: prompt .* tokens long .* shorten it"):
+        genft.Trainer(cfg, pipeline=pipe, prompts=["a cat"], eval_prompts=["a dog", long_prompt])
+    with pytest.raises(ConfigError, match=r"prompts: prompt '  ' is empty"):
+        genft.Trainer(cfg, pipeline=pipe, prompts=["a cat", "  "], eval_prompts=["a dog"])
