@@ -163,7 +163,7 @@ class Trainer:
         try:
             for a, b in spans:
                 part = self.pipeline.rollout(prompts[a:b], generator=generators[a:b], num_inference_steps=c.num_inference_steps,
-                                             guidance_scale=c.guidance_scale, eta=c.eta)
+                                             guidance_scale=c.guidance_scale, **self.method.rollout_kwargs())
                 parts.append(part)
                 if scorer is not None:
                     futures.append(scorer.submit(part.images, prompts[a:b]))

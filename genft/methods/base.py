@@ -30,6 +30,14 @@ class Method:
         self.pipeline = pipeline
         self.reference_unet = reference_unet
 
+    def rollout_kwargs(self) -> Dict[str, Any]:
+        """Sampler settings passed to `pipeline.rollout` besides prompts, seeds, steps and guidance.
+
+        Diffusion methods sample DDIM with the config's η; flow/consistency methods override this
+        (e.g. Adjoint Matching asks for the memoryless SDE).
+        """
+        return {"eta": self.config.eta}
+
     @property
     def gradient_accumulation_steps(self) -> int:
         """Minibatches whose gradients are summed into one optimiser step."""
