@@ -11,6 +11,12 @@ from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 
 register("jpeg_compressibility", JpegCompressibility)
 register("jpeg_incompressibility", JpegIncompressibility)
+# Lazy "module:Class" entries: open_clip/transformers load only when one of these is asked for.
+register("clip_score", "reward_models.clip_score:CLIPScore")
+register("aesthetic", "reward_models.aesthetic:LaionAesthetic")
+register("hpsv2", "reward_models.hps:HPSv2")
+register("pickscore", "reward_models.pickscore:PickScore")
+register("image_reward", "reward_models.image_reward:ImageReward")
 
 __all__ = [
     "RemoteReward",
