@@ -143,3 +143,20 @@ def test_reward_mapping_and_options_in_config(tmp_path):
         _config(tmp_path, reward={"a": "heavy"})
     with pytest.raises(ConfigError, match="mapping"):
         _config(tmp_path, reward_options=["x"])
+
+
+def test_config_can_score_through_a_reward_server(tmp_path):
+    """The README's recipe: reward=reward_models.client:RemoteReward with its url/token in reward_options."""
+    from reward_models.server import RewardServer
+
+    token_file = tmp_path / "token"
+    with RewardServer("jpeg_compressibility", token="t" * 32) as server:
+        token_file.write_text(server.token)
+        spec = "reward_models.client:RemoteReward"
+        cfg = _config(tmp_path, reward=spec, reward_options={spec: {"url": server.url, "token_file": str(token_file)}})
+        trainer = genft.Trainer(cfg, pipeline=tiny_diffusion_pipeline(), prompts=PROMPTS, eval_prompts=PROMPTS[:1])
+        prompts = trainer.round_prompts(0)
+        traj, rewards = trainer.sample_and_score(prompts, [torch.Generator().manual_seed(j) for j in range(len(prompts))])
+    from reward_models import JpegCompressibility
+
+    torch.testing.assert_close(rewards, JpegCompressibility()(traj.images, prompts))
