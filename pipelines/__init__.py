@@ -7,11 +7,18 @@ This package never imports `genft` or `reward_models`.
 from ._ddim import ddim_prev_timestep, ddim_step
 from ._diffusion import DiffusionPipeline
 from ._family import FAMILIES, detect_family
+from ._flow import FlowMatchPipeline
+from ._flow_step import MEMORYLESS_NOISE_LEVEL, flow_ode_step, flow_sde_noise_scale, flow_sde_step
 from ._gaussian import GaussianStep, gaussian_kl, gaussian_log_prob
 from ._trajectory import Trajectory
 
 __all__ = [
     "DiffusionPipeline",
+    "FlowMatchPipeline",
+    "MEMORYLESS_NOISE_LEVEL",
+    "flow_ode_step",
+    "flow_sde_noise_scale",
+    "flow_sde_step",
     "FAMILIES",
     "detect_family",
     "GaussianStep",

@@ -1,0 +1,480 @@
+"""Text-to-image flow matching (rectified flow) over diffusers components, with exact trajectory log-probs.
+
+The velocity network may be a `UNet2DConditionModel` (the toy world) or an `SD3Transformer2DModel`;
+the model-specific call and text-encoding code sits in the small adapter functions below.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from ._diffusion import DiffusionPipeline, _hub_has_subfolder
+from ._flow_step import SAMPLERS, LogProbForm, Sampler, flow_sde_step
+from ._gaussian import GaussianStep, Reduce
+from ._trajectory import Trajectory
+
+GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
+
+_MULTI_ENCODER_MSG = (
+    "multi-encoder text conditioning is not implemented: SD3 needs text_encoder_2 (CLIP-G) and text_encoder_3 (T5), "
+    "FLUX needs text_encoder_2 (T5) plus latent packing, positional ids and the guidance embedding. FlowMatchPipeline "
+    "supports one CLIP text encoder (text_encoder/ + tokenizer/) with a UNet2DConditionModel or SD3Transformer2DModel"
+)
+
+
+# ----- model adapters: the only model-specific code ---------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP/accelerate wrappers (which keep it in `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """'unet' or 'sd3' from the velocity network's class (subclasses included); other classes raise."""
+    names = {c.__name__ for c in type(_unwrap(model)).__mro__}
+    if "UNet2DConditionModel" in names:
+        return "unet"
+    if "SD3Transformer2DModel" in names:
+        return "sd3"
+    if "FluxTransformer2DModel" in names:
+        raise NotImplementedError(f"FluxTransformer2DModel is not supported yet: {_MULTI_ENCODER_MSG}")
+    raise TypeError(
+        f"velocity model must be a UNet2DConditionModel or SD3Transformer2DModel, got {type(_unwrap(model)).__name__}"
+    )
+
+
+def _call_unet(model, x, t, embeds):
+    return model(x, t, encoder_hidden_states=embeds).sample
+
+
+def _call_sd3(model, x, t, embeds):
+    hidden, pooled = _split_sd3(embeds, _unwrap(model).config.pooled_projection_dim)
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled, return_dict=False)[0]
+
+
+_CALLS = {"unet": _call_unet, "sd3": _call_sd3}
+
+
+def _split_sd3(embeds: torch.Tensor, pooled_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed SD3 conditioning [B, L+1, D] -> (token states [B, L, D], pooled [B, pooled_dim])."""
+    return embeds[:, :-1], embeds[:, -1, :pooled_dim]
+
+
+def _encode_unet(text_encoder, ids, model):
+    return text_encoder(ids)[0]
+
+
+def _encode_sd3(text_encoder, ids, model):
+    """Penultimate CLIP states (as diffusers' SD3 pipeline), zero-padded to the joint dim, plus the pooled row."""
+    cfg = _unwrap(model).config
+    out = text_encoder(ids, output_hidden_states=True)
+    hidden = out.hidden_states[-2]
+    pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
+    joint, pdim = cfg.joint_attention_dim, cfg.pooled_projection_dim
+    if hidden.shape[-1] > joint or pooled.shape[-1] != pdim or pdim > joint:
+        raise ValueError(
+            f"text encoder gives hidden size {hidden.shape[-1]} and pooled size {pooled.shape[-1]}, but the transformer "
+            f"expects joint_attention_dim >= hidden ({joint}) and pooled_projection_dim == pooled ({pdim}) <= joint"
+        )
+    pad = lambda t: torch.nn.functional.pad(t, (0, joint - t.shape[-1]))  # noqa: E731
+    return torch.cat([pad(hidden), pad(pooled)[:, None]], dim=1)
+
+
+_ENCODES = {"unet": _encode_unet, "sd3": _encode_sd3}
+
+
+class FlowMatchPipeline:
+    """Velocity network + CLIP text encoder + flow-match scheduler (+ optional VAE) as a Gaussian policy.
+
+    Same surface as `DiffusionPipeline`, so the trainer drives either. Conventions:
+      - `unet` is the velocity network whatever its class (named so the trainer finds it).
+      - The flow family's "timesteps" are noise levels σ ∈ (0, 1] (1 = noise); the network is called
+        at σ·num_train_timesteps. The scheduler supplies only the σ schedule (incl. `shift`); its
+        step counter is never used.
+      - For SD3 transformers, `prompt_embeds` packs the pooled CLIP projection as one extra last
+        token row (zero-padded): [B, L+1, joint_attention_dim]. It then travels through
+        `Trajectory.select/cat` and replay buffers like any prompt embedding.
+    Without a VAE the network works in pixel space ([-1, 1]).
+    """
+
+    family = "flow"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, storage_dtype: Optional[torch.dtype] = None):
+        if not type(scheduler).__name__.startswith("FlowMatch"):
+            raise TypeError(f"scheduler must be a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        if scheduler.config.get("invert_sigmas", False):
+            raise ValueError("scheduler has invert_sigmas=True (Mochi-style); FlowMatchPipeline needs σ = 1 at noise")
+        self.kind = model_kind(unet)
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae = vae
+        self.storage_dtype = storage_dtype
+
+    # ----- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: Union[str, os.PathLike], torch_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu"
+    ) -> "FlowMatchPipeline":
+        """Load from a hub id or a local folder with unet/ or transformer/, text_encoder/, tokenizer/, scheduler/ (and optional vae/)."""
+        import diffusers
+        from transformers import AutoConfig, CLIPTokenizer
+        import transformers
+
+        path = str(path)
+        for extra in ("text_encoder_2", "text_encoder_3"):
+            if _has_component(path, extra):
+                raise NotImplementedError(f"{path} has {extra}/: {_MULTI_ENCODER_MSG}")
+        sub = "transformer" if _has_component(path, "transformer") else "unet"
+        class_name = _read_class_name(path, sub)
+        if class_name == "FluxTransformer2DModel":
+            raise NotImplementedError(f"{path} holds a FLUX transformer: {_MULTI_ENCODER_MSG}")
+        if class_name not in ("UNet2DConditionModel", "SD3Transformer2DModel"):
+            raise TypeError(f"{path}/{sub} holds a {class_name}; expected UNet2DConditionModel or SD3Transformer2DModel")
+        kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        model = getattr(diffusers, class_name).from_pretrained(path, subfolder=sub, **kw)
+        arch = (AutoConfig.from_pretrained(path, subfolder="text_encoder").architectures or ["CLIPTextModel"])[0]
+        if arch not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            raise TypeError(f"{path}/text_encoder is a {arch}; expected CLIPTextModel or CLIPTextModelWithProjection")
+        text_encoder = getattr(transformers, arch).from_pretrained(
+            path, subfolder="text_encoder", **({"dtype": torch_dtype} if torch_dtype else {}))
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        vae = None
+        if _has_component(path, "vae"):
+            vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        pipe = cls(unet=model, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae)
+        return pipe.to(device)
+
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
+        """Write every component in the diffusers folder layout plus a model_index.json naming the genft family."""
+        import diffusers
+
+        path = str(path)
+        model = _unwrap(self.unet)
+        sub = "unet" if self.kind == "unet" else "transformer"
+        model.save_pretrained(os.path.join(path, sub))
+        self.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(path, "scheduler"))
+        if self.vae is not None:
+            self.vae.save_pretrained(os.path.join(path, "vae"))
+        index = {
+            "_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__, "genft_family": self.family,
+            sub: ["diffusers", type(model).__name__],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "vae": ["diffusers", type(self.vae).__name__] if self.vae is not None else [None, None],
+        }
+        with open(os.path.join(path, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+    def to(self, device: Union[str, torch.device]) -> "FlowMatchPipeline":
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None:
+                m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The velocity network under its diffusers name for transformer models (same object as `unet`)."""
+        return self.unet
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype latents are stored in (the network's, unless `storage_dtype` overrides it)."""
+        return self.storage_dtype or next(self.unet.parameters()).dtype
+
+    # ----- text --------------------------------------------------------------------------------
+    # Shared with DiffusionPipeline: it reads only self.tokenizer.
+    check_prompts = DiffusionPipeline.check_prompts
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Conditioning [B, L, D] for the velocity network (SD3: pooled row appended); refuses prompts the tokenizer would truncate."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string")
+        ids = torch.tensor(self.check_prompts(prompts), dtype=torch.long, device=self.text_encoder.device)
+        return _ENCODES[self.kind](self.text_encoder, ids, self.unet).to(next(self.unet.parameters()).dtype)
+
+    def split_prompt_embeds(self, prompt_embeds: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(token states, pooled projection or None): undoes the SD3 packing of `encode_prompt`."""
+        if self.kind == "sd3":
+            return _split_sd3(prompt_embeds, _unwrap(self.unet).config.pooled_projection_dim)
+        return prompt_embeds, None
+
+    # ----- model -------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple:
+        cfg = _unwrap(self.unet).config
+        size = cfg.sample_size
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, *hw)
+
+    def model_output(
+        self,
+        x: torch.Tensor,
+        sigma: Union[float, torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        guidance_scale: float,
+        unet: Optional[torch.nn.Module] = None,
+        detach_uncond: bool = False,
+    ) -> torch.Tensor:
+        """The (CFG-combined) velocity v ≈ ε − x0 at (x, σ) in float32; `unet` overrides the policy (e.g. a frozen reference).
+
+        `detach_uncond` stops gradients through the unconditional branch, as Flow-GRPO trains.
+        """
+        model = unet if unet is not None else self.unet
+        call = _CALLS[model_kind(model)]
+        batch = x.shape[0]
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        s = s.expand(batch) if s.ndim == 0 else s
+        t = s * self.scheduler.config.num_train_timesteps
+        dtype = next(model.parameters()).dtype
+        if guidance_scale > 1.0 and negative_prompt_embeds is not None:
+            emb = torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype)
+            out = call(model, torch.cat([x, x]).to(dtype), torch.cat([t, t]).to(dtype), emb).float()
+            uncond, cond = out.chunk(2)
+            if detach_uncond:
+                uncond = uncond.detach()
+            return uncond + guidance_scale * (cond - uncond)
+        return call(model, x.to(dtype), t.to(dtype), prompt_embeds.to(dtype)).float()
+
+    def sigmas(self, num_inference_steps: int) -> torch.Tensor:
+        """The σ schedule [n+1] (from ≈1 down to the appended 0) of a fresh scheduler copy, float32 on CPU."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        mu = None
+        if sched.config.use_dynamic_shifting:  # diffusers' calculate_shift on the image token count
+            c, shape = sched.config, self.latent_shape
+            patch = getattr(_unwrap(self.unet).config, "patch_size", 1) or 1
+            seq = (shape[1] // patch) * (shape[2] // patch)
+            m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+            mu = seq * m + c.base_shift - m * c.base_image_seq_len
+        sched.set_timesteps(num_inference_steps, mu=mu)
+        return sched.sigmas.clone().float().cpu()
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """The σ at which each of the n steps starts ([n], = sigmas(n)[:-1]); what `Trajectory.timesteps` stores."""
+        return self.sigmas(num_inference_steps)[:-1]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels in [-1, 1] without a VAE) to float32 images in [0, 1]."""
+        x = latents
+        if self.vae is not None:
+            cfg = self.vae.config
+            z = latents.to(self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+            x = self.vae.decode(z).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def initial_latents(self, batch: int, generator: GeneratorLike = None) -> torch.Tensor:
+        """x at σ = 1: standard normal, drawn in float32 from `generator` (one per sample for batch-independent noise)."""
+        x = randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
+        return x.to(self.latent_dtype)
+
+    # ----- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(
+        self,
+        prompts: Sequence[str],
+        generator: GeneratorLike = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        noise_level: Optional[float] = None,
+        sampler: Sampler = "sde",
+        sde_window: Optional[Tuple[int, int]] = None,
+        latents: Optional[torch.Tensor] = None,
+        negative_prompt: str = "",
+        reduce: Reduce = "mean",
+        log_prob_form: LogProbForm = "gaussian",
+        eta: Optional[float] = None,
+    ) -> Trajectory:
+        """Sample `prompts` and record every step's latent, σ, std and log-prob.
+
+        `sampler` is "sde" (Flow-GRPO; noise_level 0.7 by default, √2 memoryless), "cps" or "ode".
+        `sde_window=(start, end)` makes only steps start..end-1 stochastic and the rest Euler ODE steps
+        (Flow-GRPO-Fast / MixGRPO). `eta` is an alias of `noise_level` for code written for
+        DiffusionPipeline. The returned Trajectory stores σ_k in `timesteps` [T], the noise level in
+        `eta`, and in `extras`: "sigmas" [T+1] (σ_next of step k is sigmas[k+1]), "noise_levels" [T]
+        (0 outside the window), "sampler", "sde_window", "reduce", "log_prob_form".
+        """
+        noise_level = _resolve_noise_level(noise_level, eta, default=0.7)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "cps" and noise_level > 1:
+            raise ValueError(f"noise_level for sampler='cps' must lie in [0, 1] (the noise angle is a·π/2), got {noise_level}")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty; pass at least one prompt")
+        batch = len(prompts)
+        sigmas = self.sigmas(num_inference_steps)
+        levels = torch.full((num_inference_steps,), 0.0 if sampler == "ode" else float(noise_level))
+        if sde_window is not None:
+            start, end = sde_window
+            if not (0 <= start < end <= num_inference_steps):
+                raise ValueError(f"sde_window must be (start, end) with 0 <= start < end <= {num_inference_steps}, got {sde_window}")
+            inside = torch.zeros(num_inference_steps, dtype=torch.bool)
+            inside[start:end] = True
+            levels = torch.where(inside, levels, torch.zeros_like(levels))
+        prompt_embeds = self.encode_prompt(prompts)
+        negative = self.encode_prompt([negative_prompt] * batch) if guidance_scale > 1.0 else None
+        x = latents.to(self.device, self.latent_dtype) if latents is not None else self.initial_latents(batch, generator)
+        all_latents, log_probs, stds = [x], [], []
+        for k in range(num_inference_steps):
+            v = self.model_output(x, sigmas[k], prompt_embeds, negative, guidance_scale)
+            step = flow_sde_step(v, sigmas[k], sigmas[k + 1], x, float(levels[k]), generator=generator,
+                                 sampler=sampler, reduce=reduce, log_prob_form=log_prob_form)
+            x = step.prev_sample
+            all_latents.append(x)
+            log_probs.append(step.log_prob)
+            stds.append(step.std[0])
+        return Trajectory(
+            latents=torch.stack(all_latents, dim=1),
+            timesteps=sigmas[:-1].clone(),
+            log_probs=torch.stack(log_probs, dim=1),
+            stds=torch.stack(stds).float().cpu(),
+            prompts=prompts,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative,
+            images=self.decode(x),
+            guidance_scale=float(guidance_scale),
+            eta=0.0 if sampler == "ode" else float(noise_level),
+            num_inference_steps=num_inference_steps,
+            extras={"reduce": reduce, "sampler": sampler, "sigmas": sigmas, "noise_levels": levels,
+                    "sde_window": sde_window, "log_prob_form": log_prob_form},
+        )
+
+    def rescore(
+        self,
+        trajectory: Trajectory,
+        steps: Union[int, torch.Tensor],
+        unet: Optional[torch.nn.Module] = None,
+        detach_uncond: bool = False,
+    ) -> GaussianStep:
+        """Score the stored transitions latents[:, k] -> latents[:, k+1] under the current weights.
+
+        `steps` is one step index for the whole batch or a LongTensor [B] of per-sample indices.
+        Gradients flow to the network unless called under `torch.no_grad()`.
+        """
+        batch = trajectory.batch_size
+        k = torch.as_tensor(steps, dtype=torch.long).cpu()
+        k = k.expand(batch) if k.ndim == 0 else k
+        if k.shape != (batch,) or (k < 0).any() or (k >= trajectory.num_steps).any():
+            raise ValueError(f"steps must index 0..{trajectory.num_steps - 1} for each of {batch} samples, got {k.tolist()}")
+        ex = trajectory.extras
+        if "sigmas" not in ex or "noise_levels" not in ex:
+            raise ValueError("trajectory has no 'sigmas'/'noise_levels' extras: it was not rolled out by a FlowMatchPipeline")
+        rows = torch.arange(batch)
+        lat = trajectory.latents
+        return self.score_transition(
+            lat[rows, k], lat[rows, k + 1], ex["sigmas"][k], trajectory.prompt_embeds, trajectory.negative_prompt_embeds,
+            trajectory.guidance_scale, ex["noise_levels"][k], trajectory.num_inference_steps, unet=unet,
+            detach_uncond=detach_uncond, reduce=ex.get("reduce", "mean"), sigma_next=ex["sigmas"][k + 1],
+            sampler=ex.get("sampler", "sde"), log_prob_form=ex.get("log_prob_form", "gaussian"),
+        )
+
+    def score_transition(
+        self,
+        sample: torch.Tensor,
+        prev_sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: Optional[torch.Tensor],
+        guidance_scale: float,
+        noise_level: Union[float, torch.Tensor],
+        num_inference_steps: int,
+        unet: Optional[torch.nn.Module] = None,
+        detach_uncond: bool = False,
+        reduce: Reduce = "mean",
+        *,
+        sigma_next: Optional[torch.Tensor] = None,
+        sampler: Sampler = "sde",
+        log_prob_form: LogProbForm = "gaussian",
+    ) -> GaussianStep:
+        """Score stored transitions sample -> prev_sample starting at per-sample σ `timesteps` [B] (what replay buffers hold).
+
+        Positionally compatible with `DiffusionPipeline.score_transition` (`noise_level` sits where
+        `eta` does). σ_next is looked up in the `num_inference_steps` schedule unless given.
+        """
+        dev = self.device
+        x = sample.to(dev)
+        sig = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).cpu()
+        if sig.numel() == 1:
+            sig = sig.expand(x.shape[0])
+        if sigma_next is None:
+            sigma_next = self._next_sigma(sig, num_inference_steps)
+        neg = None if negative_prompt_embeds is None else negative_prompt_embeds.to(dev)
+        v = self.model_output(x, sig.to(dev), prompt_embeds.to(dev), neg, guidance_scale, unet=unet, detach_uncond=detach_uncond)
+        if isinstance(noise_level, torch.Tensor):
+            noise_level = noise_level.to(dev)
+        return flow_sde_step(v, sig.to(dev), torch.as_tensor(sigma_next).to(dev), x, noise_level, prev_sample=prev_sample.to(dev),
+                             sampler=sampler, reduce=reduce, log_prob_form=log_prob_form)
+
+    def _next_sigma(self, sigma: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+        """σ_next for each σ of the n-step schedule; a σ not on the schedule is an error."""
+        sched = self.sigmas(num_inference_steps)
+        dist = (sigma[:, None] - sched[None, :-1]).abs()
+        err, idx = dist.min(dim=1)
+        if bool((err > 1e-6).any()):
+            raise ValueError(
+                f"timesteps {sigma.tolist()} are not on the {num_inference_steps}-step sigma schedule {sched.tolist()}; "
+                "pass sigma_next explicitly"
+            )
+        return sched[idx + 1]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        generator: GeneratorLike = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        noise_level: Optional[float] = None,
+        sampler: Sampler = "sde",
+        eta: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] for `prompts`; noise_level 0 (default) is the deterministic Euler ODE."""
+        noise_level = _resolve_noise_level(noise_level, eta, default=0.0)
+        return self.rollout(prompts, generator, num_inference_steps, guidance_scale, noise_level=noise_level, sampler=sampler).images
+
+
+def _resolve_noise_level(noise_level: Optional[float], eta: Optional[float], default: float) -> float:
+    if noise_level is not None and eta is not None:
+        raise ValueError(f"pass noise_level or its alias eta, not both (got noise_level={noise_level}, eta={eta})")
+    value = noise_level if noise_level is not None else (eta if eta is not None else default)
+    if value < 0:
+        raise ValueError(f"noise_level must be >= 0, got {value}")
+    return float(value)
+
+
+def _has_component(path: str, name: str) -> bool:
+    """True when a local folder has the subfolder `name`, or a hub repo's model_index.json names it."""
+    if os.path.exists(path):
+        return os.path.isdir(os.path.join(path, name))
+    return _hub_has_subfolder(path, name)
+
+
+def _read_class_name(path: str, sub: str) -> str:
+    """`_class_name` of the component config in `sub` (local file or hub)."""
+    from diffusers import ConfigMixin
+
+    class _Reader(ConfigMixin):
+        config_name = "config.json"
+
+    return _Reader.load_config(path, subfolder=sub).get("_class_name", "UNet2DConditionModel")
