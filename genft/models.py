@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines import DiffusionPipeline, detect_family
+from pipelines import DiffusionPipeline, FlowMatchPipeline, detect_family
 
 from .config import ConfigError
 
@@ -19,8 +19,8 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_pipeline(model: str, device: torch.device, progress: bool = True) -> DiffusionPipeline:
-    """The diffusion pipeline for `model` ('toyworld' pretrains the toy world on first use)."""
+def load_pipeline(model: str, device: torch.device, progress: bool = True):
+    """The pipeline for `model`, by family (diffusion or flow); 'toyworld' pretrains the toy world on first use."""
     if model == "toyworld":
         from .toyworld import load_or_pretrain
 
@@ -29,6 +29,11 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True) -> Di
         path = model
         if Path(model).exists() and not (Path(model) / "unet").is_dir():
             raise ValueError(f"model={model!r} is a folder without a unet/ subfolder; point it at a diffusers pipeline folder")
+    family = detect_family(str(path))
+    if family == "flow":
+        return FlowMatchPipeline.from_pretrained(path, device=device)
+    if family not in (None, "diffusion"):
+        raise ValueError(f"model={model!r} is a {family} model, which genft cannot load yet; use a diffusion or flow model")
     return DiffusionPipeline.from_pretrained(path, device=device)
 
 

@@ -65,3 +65,14 @@ def tiny_diffusion_pipeline():
     tok = tiny_tokenizer()
     return DiffusionPipeline(unet=tiny_unet(), text_encoder=tiny_text_encoder(len(tok.get_vocab())), tokenizer=tok,
                              scheduler=tiny_scheduler())
+
+
+def tiny_flow_pipeline(shift: float = 1.0):
+    """A tiny text-to-image flow-matching pipeline (UNet velocity model, FlowMatchEulerDiscreteScheduler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines import FlowMatchPipeline
+
+    tok = tiny_tokenizer()
+    return FlowMatchPipeline(unet=tiny_unet(), text_encoder=tiny_text_encoder(len(tok.get_vocab())), tokenizer=tok,
+                             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
