@@ -1,4 +1,4 @@
-"""The `genft` command: a thin layer over genft.train, genft.demo and the toy world's pretraining.
+"""The `genft` command: a thin layer over genft.train, genft.demo, genft.eval_cli and the toy world's pretraining.
 
 Only this module reads the environment or sets threads; the library never does.
 """
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--force", action="store_true", help="rebuild the cache even if it is complete")
     pt.add_argument("--no-progress", action="store_true")
     pt.set_defaults(func=_cmd_pretrain)
+
+    from .eval_cli import add_parser as _add_eval_parser
+
+    _add_eval_parser(sub)
     return p
 
 

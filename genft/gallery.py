@@ -19,7 +19,7 @@ def _data_uri(png_bytes: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
 
 
-def reward_curve_png(records: List[Dict], out_path: Optional[Path] = None) -> bytes:
+def reward_curve_png(records: List[Dict], out_path: Optional[Path] = None, title: Optional[str] = None) -> bytes:
     """Plot training reward per round (mean ± std) and evaluation means; returns PNG bytes (and writes them)."""
     import matplotlib
 
@@ -43,6 +43,8 @@ def reward_curve_png(records: List[Dict], out_path: Optional[Path] = None) -> by
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -64,6 +66,41 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
+def _load_log(path: Path) -> List[Dict]:
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise ValueError(f"training log {str(path)!r} is not JSON lines ({e}); pass a run's log.jsonl") from e
+
+
+def _metrics_from_evals(evals) -> Dict[str, Dict[str, Dict]]:
+    return {label: {k: {**v, "kind": "reward"} for k, v in e["metrics"].items()} for label, _, e in evals}
+
+
+def _metrics_table(table: Dict[str, Dict[str, Dict]], labels: Sequence[str]) -> List[str]:
+    """<table id='metrics'>: one row per metric (first-seen order), one column per model; cells 'mean ± std'."""
+    rows: Dict[str, str] = {}
+    for label in labels:
+        for name, m in table.get(label, {}).items():
+            rows.setdefault(name, m.get("kind", ""))
+    parts = ["<table class='metrics' id='metrics'><thead><tr><th>metric</th><th>kind</th>"]
+    parts += [f"<th>{html.escape(label)}</th>" for label in labels]
+    parts.append("</tr></thead><tbody>")
+    for name, kind in rows.items():
+        parts.append(f"<tr><td>{html.escape(name)}</td><td class='kind'>{html.escape(kind)}</td>")
+        for label in labels:
+            m = table.get(label, {}).get(name)
+            if not m or m.get("mean") is None:
+                parts.append("<td>–</td>")
+            elif m.get("std") is None:
+                parts.append(f"<td>{_fmt(m['mean'])}</td>")
+            else:
+                parts.append(f"<td>{_fmt(m['mean'])} ± {_fmt(m['std'])}</td>")
+        parts.append("</tr>")
+    parts.append("</tbody></table>")
+    return parts
+
+
 def build_gallery(
     columns: Sequence[Tuple[str, Path]],
     out_path: Path,
@@ -71,33 +108,38 @@ def build_gallery(
     log_path: Optional[Path] = None,
     notes: str = "",
     thumb_px: int = 96,
+    metrics: Optional[Dict[str, Dict[str, Dict]]] = None,
+    logs: Sequence[Tuple[str, Path]] = (),
 ) -> Path:
-    """Write one HTML file comparing the evaluations in `columns` [(label, eval_dir), ...] prompt by prompt."""
+    """Write one HTML file comparing the evaluations in `columns` [(label, eval_dir), ...] prompt by prompt.
+
+    `metrics` ({label: {metric: {"mean", "std" (None: no spread), "kind"}}}) replaces the table built from the
+    evaluations' rewards; each of `logs` [(label, log.jsonl)] (and `log_path`) becomes a reward-curve plot.
+    """
     evals = [(label, Path(d), _load_eval(Path(d))) for label, d in columns]
     if not evals:
         raise ValueError("columns is empty; give at least one (label, eval_dir) pair")
-    reward_names = sorted({k for _, _, e in evals for k in e["metrics"]})
+    labels = [label for label, _, _ in evals]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"column labels must be unique, got {labels}")
+    table = metrics if metrics is not None else _metrics_from_evals(evals)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>", _STYLE, "</head><body>"]
     parts.append(f"<h1>{html.escape(title)}</h1>")
     if notes:
         parts.append(f"<p class='notes'>{html.escape(notes)}</p>")
+    parts.append("<h2>Metrics</h2>")
+    parts += _metrics_table(table, labels)
 
-    parts.append("<h2>Metrics</h2><table class='metrics'><tr><th>reward</th>")
-    parts += [f"<th>{html.escape(label)}</th>" for label, _, _ in evals]
-    parts.append("</tr>")
-    for name in reward_names:
-        parts.append(f"<tr><td>{html.escape(name)}</td>")
-        for _, _, e in evals:
-            m = e["metrics"].get(name)
-            parts.append(f"<td>{_fmt(m['mean'])} ± {_fmt(m['std'])}</td>" if m else "<td>–</td>")
-        parts.append("</tr>")
-    parts.append("</table>")
-
-    if log_path is not None and Path(log_path).is_file():
-        records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    curves = ([("training", Path(log_path))] if log_path is not None and Path(log_path).is_file() else []) + list(logs)
+    shown = []
+    for i, (label, path) in enumerate(curves):
+        records = _load_log(Path(path))
         if records:
-            png = reward_curve_png(records, Path(out_path).with_name("reward_curve.png"))
-            parts.append(f"<h2>Reward during training</h2><img class='curve' alt='reward curve' src='{_data_uri(png)}'>")
+            name = "reward_curve.png" if i == 0 else f"reward_curve_{i}.png"
+            png = reward_curve_png(records, Path(out_path).with_name(name), title=label if logs else None)
+            shown.append(f"<img class='curve' alt='reward curve: {html.escape(label)}' src='{_data_uri(png)}'>")
+    if shown:
+        parts.append("<h2>Reward during training</h2>" + "".join(shown))
 
     parts.append("<h2>Samples (fixed seeds, same noise in every column)</h2>")
     prompts: List[str] = list(dict.fromkeys(s["prompt"] for s in evals[0][2]["samples"]))
@@ -120,7 +162,8 @@ _STYLE = """<style>
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 table.metrics{border-collapse:collapse;margin-bottom:16px}
 table.metrics td,table.metrics th{border:1px solid #ccc;padding:4px 10px;text-align:right}
-table.metrics td:first-child{text-align:left}
+table.metrics td:first-child,table.metrics td.kind{text-align:left}
+table.metrics td.kind{color:#777;font-size:12px}
 .prompt{background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px 12px;margin:10px 0;display:inline-block;vertical-align:top}
 .prompt h3{margin:4px 0;font-size:14px}
 .row{display:flex;gap:18px}.label{font-size:12px;color:#555}

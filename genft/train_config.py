@@ -44,6 +44,7 @@ class TrainConfig(ConfigBase):
     checkpoint_every: int = option(0, "Save a checkpoint every N rounds (0: only at the end).")
     resume_from: Optional[str] = option(None, "Checkpoint folder to resume from (weights, optimiser, RNG, round counter), or 'latest' for the newest complete one under output_dir/checkpoints.")
     progress: bool = option(True, "Show progress bars.")
+    tracker: Literal["none", "csv", "tensorboard", "wandb"] = option("none", "Where round metrics also go, besides log.jsonl: 'none', 'csv' (output_dir/tracker.csv), 'tensorboard' (output_dir/tensorboard; needs the tensorboard package) or 'wandb' (needs wandb; never required).")
 
     def validate(self) -> None:
         super().validate()

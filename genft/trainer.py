@@ -26,7 +26,7 @@ from .methods import get_method
 from .models import check_method_fits_model, load_pipeline, resolve_device
 from .prompts import load_prompts
 from .reward_setup import build_eval_rewards, build_reward
-from .tracking import RunLog
+from .tracking import RunLog, check_tracker, make_tracker
 from .config import ConfigError
 from .train_config import TrainConfig
 
@@ -69,6 +69,7 @@ class Trainer:
             raise ValueError("prompts and eval_prompts must each hold at least one prompt")
         if pipeline is None:
             check_method_fits_model(method_cls, config.model)
+        check_tracker(config.tracker)
         self.device = resolve_device(config.device)
         try:
             self.reward = build_reward(reward if reward is not None else config.reward, config.reward_options,
@@ -106,13 +107,15 @@ class Trainer:
         self.reference_unet = copy.deepcopy(self.pipeline.unet).requires_grad_(False).eval()
         self.pipeline.unet.requires_grad_(True).train()
         self.method = method_cls(config, self.pipeline, self.reference_unet)
+        if hasattr(self.method, "attach"):  # first-order methods (Adjoint Matching) differentiate the reward itself
+            self.method.attach(reward=self.reward)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.pipeline.unet.parameters() if p.requires_grad], lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
         )
         self.pipeline.unet, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
         self.out_dir = Path(config.output_dir)
-        self.log = RunLog(self.out_dir)
+        self.log = RunLog(self.out_dir, tracker=make_tracker(config.tracker, self.out_dir, config.to_dict()))
         self.round = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.consecutive_skips = 0
@@ -280,6 +283,7 @@ class Trainer:
             if self.stop_requested:
                 path = self.save(self.out_dir / "checkpoints" / f"round_{self.round:05d}")
                 self.log.log({"round": self.round, "event": "interrupted", "checkpoint": str(path)})
+                self.log.close()
                 bar.close()
                 return {"before": before, "after": None, "output_dir": str(self.out_dir), "interrupted": True,
                         "checkpoint": str(path)}
@@ -288,6 +292,7 @@ class Trainer:
         after = self.evaluate("after")
         self.save(self.out_dir / "checkpoints" / "final")
         self.log.to_csv()
+        self.log.close()
         return {"before": before, "after": after, "output_dir": str(self.out_dir)}
 
     def request_stop(self) -> None:
