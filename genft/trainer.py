@@ -115,7 +115,9 @@ class Trainer:
         )
         self.pipeline.unet, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
         self.out_dir = Path(config.output_dir)
-        self.log = RunLog(self.out_dir, tracker=make_tracker(config.tracker, self.out_dir, config.to_dict()))
+        # One tracker run per job, not per process (wandb would otherwise open one run per GPU).
+        tracker = make_tracker(config.tracker, self.out_dir, config.to_dict()) if self.accelerator.is_main_process else None
+        self.log = RunLog(self.out_dir, tracker=tracker)
         self.round = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.consecutive_skips = 0
