@@ -129,11 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_library_progress_bars() -> None:
+    """--no-progress also silences transformers'/diffusers' own loading bars (global switches: CLI only)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from diffusers.utils import logging as df_logging
+
+        df_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if getattr(args, "no_progress", False):
+        _quiet_library_progress_bars()
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
