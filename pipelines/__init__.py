@@ -10,6 +10,9 @@ from ._family import FAMILIES, detect_family
 from ._flow import FlowMatchPipeline
 from ._flow_step import MEMORYLESS_NOISE_LEVEL, flow_ode_step, flow_sde_noise_scale, flow_sde_step
 from ._gaussian import GaussianStep, gaussian_kl, gaussian_log_prob
+from ._mirror import (MIRRORS, BoxEntropicMirror, BoxLogBarrierMirror, BoxRegularizedMirror, FlowPair, GaussianPrior,
+                      IdentityMap, MirrorFlow, MirrorMap, SimplexEntropicMirror, SimplexRegularizedMirror, StudentTPrior,
+                      mirror_map)
 from ._trajectory import Trajectory
 
 __all__ = [
@@ -27,4 +30,17 @@ __all__ = [
     "ddim_step",
     "gaussian_kl",
     "gaussian_log_prob",
+    "MIRRORS",
+    "BoxEntropicMirror",
+    "BoxLogBarrierMirror",
+    "BoxRegularizedMirror",
+    "FlowPair",
+    "GaussianPrior",
+    "IdentityMap",
+    "MirrorFlow",
+    "MirrorMap",
+    "SimplexEntropicMirror",
+    "SimplexRegularizedMirror",
+    "StudentTPrior",
+    "mirror_map",
 ]
