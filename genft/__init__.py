@@ -14,6 +14,8 @@ from .trainer import Trainer, TrainingError, train
 
 _reward_models.register("toy_oracle", "genft.toyworld:ToyOracleReward", overwrite=True)
 _reward_models.register("toy_oracle_accuracy", "genft.toyworld:ToyOracleAccuracy", overwrite=True)
+# The learned, hackable proxy (a tiny open_clip CLIP trained on the toy world; trained on first use, ~70 s).
+_reward_models.register("toy_proxy_clip", "genft.toyworld.proxy:ToyProxyCLIPScore", overwrite=True)
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "DPOK", "DPOKConfig", "TrainConfig", "Trainer", "TrainingError", "get_method", "load_config", "train"]
