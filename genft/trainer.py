@@ -107,8 +107,7 @@ class Trainer:
         self.reference_unet = copy.deepcopy(self.pipeline.unet).requires_grad_(False).eval()
         self.pipeline.unet.requires_grad_(True).train()
         self.method = method_cls(config, self.pipeline, self.reference_unet)
-        if hasattr(self.method, "attach"):  # first-order methods (Adjoint Matching) differentiate the reward itself
-            self.method.attach(reward=self.reward)
+        self.method.attach(reward=self.reward)  # first-order methods (Adjoint Matching) differentiate it themselves
         self.optimizer = torch.optim.AdamW(
             [p for p in self.pipeline.unet.parameters() if p.requires_grad], lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,

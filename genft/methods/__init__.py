@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Dict, Type
 
 from ..config import ConfigError
+from .adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from .base import Method
 from .dpok import DPOK, DPOKConfig
 
-METHODS: Dict[str, Type[Method]] = {"dpok": DPOK}
+METHODS: Dict[str, Type[Method]] = {"dpok": DPOK, "adjoint_matching": AdjointMatching}
 
 
 def get_method(name: str) -> Type[Method]:
@@ -17,4 +18,4 @@ def get_method(name: str) -> Type[Method]:
     return METHODS[name]
 
 
-__all__ = ["DPOK", "DPOKConfig", "METHODS", "Method", "get_method"]
+__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DPOK", "DPOKConfig", "METHODS", "Method", "get_method"]

@@ -30,6 +30,9 @@ class Method:
         self.pipeline = pipeline
         self.reference_unet = reference_unet
 
+    def attach(self, *, reward) -> None:
+        """Called once by the Trainer with the built reward; first-order methods keep it to differentiate it."""
+
     def rollout_kwargs(self) -> Dict[str, Any]:
         """Sampler settings passed to `pipeline.rollout` besides prompts, seeds, steps and guidance.
 
