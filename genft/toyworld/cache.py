@@ -78,5 +78,5 @@ def load_or_pretrain(
         if path.exists():
             logger.warning("toy world at %s is unusable (%s); rebuilding it", path, e)
         else:
-            logger.warning("no toy world at %s yet; pretraining it (about 5 minutes on 2 CPU cores)", path)
+            logger.warning("no toy world at %s yet; pretraining it (about 6 minutes on 2 free CPU cores)", path)
     return pretrain(path, config=config, progress=progress)
