@@ -405,8 +405,9 @@ def test_first_update_has_zero_control_and_terminal_adjoint_is_the_reward_gradie
     torch.testing.assert_close(method.records["adjoint"][:, -1], -10.0 * grad)
     batch = next(iter(method.minibatches(torch.Generator().manual_seed(0))))
     loss, metrics = method.loss(batch, 0)
-    assert metrics["control_norm"] == pytest.approx(0.0, abs=1e-10)
-    assert loss.item() == pytest.approx(metrics["target_norm"], rel=1e-5)
+    # Same weights, so the control is zero up to float32 round-off (BLAS may split the batch differently).
+    assert metrics["control_norm"] <= 1e-7 * max(1.0, metrics["target_norm"])
+    assert loss.item() == pytest.approx(metrics["target_norm"], rel=1e-4)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.unet.parameters())
     _, uncond = method.loss({"index": batch["index"], "unconditional": True}, 0)  # prompt dropout: both models unconditional
