@@ -104,7 +104,7 @@ def test_resume_continues_from_the_saved_round(tmp_path):
 def test_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / "ckpt").mkdir()
     cfg = small_config(tmp_path, resume_from=str(tmp_path / "ckpt"))
-    with pytest.raises(ValueError, match="not a complete genft checkpoint"):
+    with pytest.raises(ValueError, match="is incomplete .no COMPLETE marker"):
         genft.Trainer(cfg, pipeline=tiny_diffusion_pipeline(), reward=Brightness(), prompts=PROMPTS, eval_prompts=PROMPTS)
 
 

@@ -38,12 +38,12 @@ def test_detect_family_reads_config_files_only(tmp_path):
     assert detect_family("some-org/some-hub-model") is None
 
 
-def test_dpok_on_a_flow_model_is_refused_before_loading(tmp_path, no_model_loading):
+def test_dpok_on_a_consistency_model_is_refused_before_loading(tmp_path, no_model_loading):
     folder = tmp_path / "model"
     tiny_diffusion_pipeline().save_pretrained(folder)
-    _as_family(folder, "FlowMatchEulerDiscreteScheduler")
+    _as_family(folder, "LCMScheduler")
     cfg = genft.load_config(model=str(folder), reward="jpeg_compressibility", eval_rewards=[], output_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match=r"method='dpok' works on diffusion generators.*flow model"):
+    with pytest.raises(ConfigError, match=r"method='dpok' works on diffusion/flow generators.*consistency model"):
         genft.Trainer(cfg, prompts=["a cat"], eval_prompts=["a cat"])
 
 

@@ -197,7 +197,7 @@ def test_rescore_reproduces_rollout_log_probs(pipe, sampler, guidance, batch):
             step = pipe.rescore(traj, k)
             torch.testing.assert_close(step.log_prob, traj.log_probs[:, k], rtol=0, atol=1e-5)
             single = pipe.rescore(traj.select([batch - 1]), k)  # under another batch size than the rollout's
-            torch.testing.assert_close(single.log_prob, traj.log_probs[batch - 1:, k], rtol=0, atol=1e-5)
+            torch.testing.assert_close(single.log_prob, traj.log_probs[batch - 1:, k], rtol=1e-5, atol=1e-5)  # other batch size: BLAS round-off relative to |log p|
         ks = torch.randint(0, traj.num_steps, (batch,), generator=torch.Generator().manual_seed(1))
         mixed = pipe.rescore(traj, ks)
         torch.testing.assert_close(mixed.log_prob, traj.log_probs[torch.arange(batch), ks], rtol=0, atol=1e-5)
