@@ -8,7 +8,7 @@ import reward_models as _reward_models
 
 from .config import ConfigError
 from .loading import load_config
-from .methods import DPOK, AdjointMatching, AdjointMatchingConfig, DPOKConfig, get_method
+from .methods import DPOK, FAIL, AdjointMatching, AdjointMatchingConfig, DPOKConfig, FAILConfig, get_method
 from .train_config import TrainConfig
 from .trainer import Trainer, TrainingError, train
 
@@ -18,4 +18,4 @@ _reward_models.register("toy_oracle_accuracy", "genft.toyworld:ToyOracleAccuracy
 _reward_models.register("toy_proxy_clip", "genft.toyworld.proxy:ToyProxyCLIPScore", overwrite=True)
 
 __version__ = "0.1.0"
-__all__ = ["AdjointMatching", "AdjointMatchingConfig", "ConfigError", "DPOK", "DPOKConfig", "TrainConfig", "Trainer", "TrainingError", "get_method", "load_config", "train"]
+__all__ = ["AdjointMatching", "AdjointMatchingConfig", "ConfigError", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "TrainConfig", "Trainer", "TrainingError", "get_method", "load_config", "train"]

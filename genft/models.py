@@ -20,11 +20,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_pipeline(model: str, device: torch.device, progress: bool = True):
-    """The pipeline for `model`, by family (diffusion or flow); 'toyworld' pretrains the toy world on first use."""
+    """The pipeline for `model`, by family (diffusion or flow); 'toyworld'/'toyworld-flow' pretrain on first use."""
     if model == "toyworld":
         from .toyworld import load_or_pretrain
 
         path = load_or_pretrain(progress=progress)
+    elif model == "toyworld-flow":
+        from .toyworld.flow_pretrain import load_or_pretrain_flow
+
+        path = load_or_pretrain_flow(progress=progress)
     else:
         path = model
         if Path(model).exists() and not (Path(model) / "unet").is_dir():
@@ -39,7 +43,7 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
 
 def check_method_fits_model(method_cls, model: str) -> None:
     """Refuse, before loading anything, a method that cannot drive the model's generator family."""
-    family = "diffusion" if model == "toyworld" else detect_family(model)
+    family = {"toyworld": "diffusion", "toyworld-flow": "flow"}.get(model) or detect_family(model)
     if family is not None and family not in method_cls.families:
         raise ConfigError(
             f"method={method_cls.name!r} works on {'/'.join(method_cls.families)} generators, but model={model!r} is a "

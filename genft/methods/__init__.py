@@ -7,8 +7,9 @@ from ..config import ConfigError
 from .adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from .base import Method
 from .dpok import DPOK, DPOKConfig
+from .fail import FAIL, FAILConfig
 
-METHODS: Dict[str, Type[Method]] = {"dpok": DPOK, "adjoint_matching": AdjointMatching}
+METHODS: Dict[str, Type[Method]] = {"dpok": DPOK, "adjoint_matching": AdjointMatching, "fail": FAIL}
 
 
 def get_method(name: str) -> Type[Method]:
@@ -18,4 +19,5 @@ def get_method(name: str) -> Type[Method]:
     return METHODS[name]
 
 
-__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DPOK", "DPOKConfig", "METHODS", "Method", "get_method"]
+__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "METHODS", "Method",
+           "get_method"]
