@@ -300,8 +300,8 @@ def test_eval_on_a_tiny_toy_world_reports_oracle_accuracy_and_frechet(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_toyworld_checkpoint_reports_oracle_accuracy_and_frechet(tmp_path):
-    """The issue's command on the real toy world (pretrains it on first use: minutes)."""
+def test_eval_toyworld_checkpoint_reports_oracle_accuracy_and_frechet(tmp_path, pretrained_toy_world):
+    """The issue's command on the real toy world (the session's shared pretraining)."""
     from genft.demo import demo_config
     from genft.trainer import Trainer
 

@@ -1,7 +1,6 @@
 """Toy world pretraining: a tiny run saves a loadable diffusers-layout folder; the cache rebuilds broken copies."""
 import json
 import logging
-import time
 
 import pytest
 import torch
@@ -138,11 +137,9 @@ def test_config_errors_name_the_field(kwargs, match):
 
 
 @pytest.mark.slow
-def test_default_recipe_follows_heldout_prompts(tmp_path):
+def test_default_recipe_follows_heldout_prompts(pretrained_toy_world):
     """The real recipe: must finish in minutes on 2 CPU cores and follow held-out prompts (oracle >= 0.8 each)."""
-    t0 = time.perf_counter()
-    path = pretrain(tmp_path / "world", PretrainConfig(), progress=False)
-    seconds = time.perf_counter() - t0
+    path, seconds = pretrained_toy_world["path"], pretrained_toy_world["seconds"]
     stats = validate_world(path)["stats"]
     print(f"toyworld pretrain: {seconds:.0f}s wall, {stats['unet_steps']} unet steps, held-out {stats['heldout']}")
     stochastic = next(h for h in stats["heldout"] if h["eta"] == 1.0)  # DDIM eta=1, 20 steps, CFG 3
