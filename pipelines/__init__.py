@@ -13,6 +13,7 @@ from ._gaussian import GaussianStep, gaussian_kl, gaussian_log_prob
 from ._mirror import (MIRRORS, BoxEntropicMirror, BoxLogBarrierMirror, BoxRegularizedMirror, FlowPair, GaussianPrior,
                       IdentityMap, MirrorFlow, MirrorMap, SimplexEntropicMirror, SimplexRegularizedMirror, StudentTPrior,
                       mirror_map)
+from ._mirror_pipeline import MirrorFlowMatchPipeline
 from ._trajectory import Trajectory
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "GaussianPrior",
     "IdentityMap",
     "MirrorFlow",
+    "MirrorFlowMatchPipeline",
     "MirrorMap",
     "SimplexEntropicMirror",
     "SimplexRegularizedMirror",

@@ -82,7 +82,7 @@ class AdjointMatching(Method):
 
     name = "adjoint_matching"
     config_class = AdjointMatchingConfig
-    families = ("flow", "diffusion")
+    families = ("flow", "diffusion", "mirror")
     needs_reward_gradient = True
 
     def __init__(self, config: AdjointMatchingConfig, pipeline, reference_unet: torch.nn.Module):
@@ -101,10 +101,16 @@ class AdjointMatching(Method):
             raise ValueError(f"Adjoint Matching needs a differentiable reward; {getattr(reward, 'name', reward)!r} was built with "
                              "differentiable=False. Build it with differentiable=True")
         self.reward = reward
+        prior = getattr(self.pipeline, "prior", None)
+        if prior is not None and getattr(prior, "name", "gaussian") != "gaussian":
+            raise ValueError(f"Adjoint Matching's memoryless SDE assumes Gaussian base noise, but the mirror pipeline's prior is "
+                             f"{prior.name!r}; fine-tune it with dpok, or use a Gaussian-prior mirror model")
 
     @property
     def family(self) -> str:
-        return getattr(self.pipeline, "family", "diffusion")
+        """'flow' or 'diffusion': a mirror pipeline is a flow in dual coordinates (its memoryless SDE is the flow one)."""
+        family = getattr(self.pipeline, "family", "diffusion")
+        return "flow" if family == "mirror" else family
 
     def rollout_kwargs(self) -> Dict[str, Any]:
         """The memoryless sampler: flow noise_level √2 ("sde"), diffusion DDIM η = 1."""

@@ -82,7 +82,7 @@ class DPOK(Method):
     """DPOK as hooks for the Trainer (see module docstring)."""
 
     name = "dpok"
-    families = ("diffusion", "flow")  # on flow models the step is the Flow-GRPO SDE, η is its noise level a
+    families = ("diffusion", "flow", "mirror")  # on flow/mirror models the step is the Flow-GRPO SDE, η is its noise level a
     config_class = DPOKConfig
 
     def __init__(self, config: DPOKConfig, pipeline, reference_unet: torch.nn.Module):

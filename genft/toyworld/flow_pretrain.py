@@ -61,6 +61,8 @@ class FlowPretrainConfig:
     eval_images_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt for the stored oracle accuracy; 0 skips it."})
     eval_inference_steps: int = field(default=20, metadata={"help": "Euler ODE steps of the evaluation sampler."})
     eval_guidance_scale: float = field(default=3.0, metadata={"help": "CFG scale of the evaluation sampler."})
+    mirror: Literal["none", "box_regularized", "box_entropic"] = field(default="none", metadata={"help": "Train in the dual space of this pixel-box mirror map (Mirror Flow Matching); 'none' trains on pixels in [-1, 1]."})
+    mirror_kappa: float = field(default=0.3, metadata={"help": "κ of the regularised box mirror map (the paper's 0.3); dual moments are finite below order 1/κ."})
 
     def __post_init__(self):
         self.unet_channels = tuple(int(c) for c in self.unet_channels)
@@ -74,8 +76,26 @@ class FlowPretrainConfig:
             raise ValueError(f"FlowPretrainConfig.sigma_sampling must be 'logit_normal' or 'uniform', got {self.sigma_sampling!r}")
         if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"FlowPretrainConfig.caption_dropout ({self.caption_dropout}) and ema_decay ({self.ema_decay}) must be in [0, 1)")
+        if self.mirror not in ("none", "box_regularized", "box_entropic"):
+            raise ValueError(f"FlowPretrainConfig.mirror must be 'none', 'box_regularized' or 'box_entropic', got {self.mirror!r}")
+        if not 0.0 < self.mirror_kappa < 1.0:
+            raise ValueError(f"FlowPretrainConfig.mirror_kappa must lie in (0, 1), got {self.mirror_kappa}")
         if self.lr <= 0 or self.logit_std <= 0 or self.shift <= 0:
             raise ValueError(f"FlowPretrainConfig.lr ({self.lr}), logit_std ({self.logit_std}) and shift ({self.shift}) must be > 0")
+
+
+def build_mirror_map(config: FlowPretrainConfig):
+    """The recipe's pixel-box mirror map, or None for a plain pixel-space flow."""
+    if config.mirror == "none":
+        return None
+    from pipelines import mirror_map
+
+    return mirror_map(config.mirror, **({"kappa": config.mirror_kappa} if config.mirror == "box_regularized" else {}))
+
+
+def training_targets(images: torch.Tensor, mirror) -> torch.Tensor:
+    """What the velocity network learns to generate: pixels in [-1, 1], or their dual coordinates ∇Ψ(x) under `mirror`."""
+    return images * 2 - 1 if mirror is None else mirror.to_dual(images)
 
 
 def sample_sigmas(n: int, config: FlowPretrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -101,6 +121,7 @@ def train_flow_unet(unet, cond_table: torch.Tensor, uncond: torch.Tensor, combo_
 
     gen = torch.Generator().manual_seed(config.seed + 3)
     combos = train_combos()
+    mirror = build_mirror_map(config)
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     ema = copy.deepcopy(unet).requires_grad_(False) if config.ema_decay > 0 else None
     unet.train()
@@ -111,7 +132,7 @@ def train_flow_unet(unet, cond_table: torch.Tensor, uncond: torch.Tensor, combo_
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         pick = torch.randint(len(combo_of_text), (config.batch_size,), generator=gen)
-        x0 = render([combos[i] for i in combo_of_text[pick].tolist()], generator=gen) * 2 - 1
+        x0 = training_targets(render([combos[i] for i in combo_of_text[pick].tolist()], generator=gen), mirror)
         cond = cond_table[pick].clone()
         cond[torch.rand(config.batch_size, generator=gen) < config.caption_dropout] = uncond
         sigma = sample_sigmas(config.batch_size, config, gen)
@@ -147,7 +168,7 @@ def pretrain_flow(out_dir: str | Path, world_dir: str | Path, config: FlowPretra
     """Train the flow base on the frozen text encoder of the toy world at `world_dir`; written atomically to `out_dir`."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pipelines import FlowMatchPipeline
+    from pipelines import FlowMatchPipeline, MirrorFlowMatchPipeline
 
     from .._atomic import atomic_dir
     from .cache import validate_world
@@ -164,7 +185,12 @@ def pretrain_flow(out_dir: str | Path, world_dir: str | Path, config: FlowPretra
     torch.manual_seed(config.seed + 4)
     unet = build_unet(text_encoder.config.hidden_size, config.unet_channels, config.unet_layers_per_block, config.pooled_text)
     unet, stats = train_flow_unet(unet, cond_table, uncond, combo_of_text, config, progress)
-    pipe = FlowMatchPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_flow_scheduler(config.shift))
+    mirror = build_mirror_map(config)
+    if mirror is None:
+        pipe = FlowMatchPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=build_flow_scheduler(config.shift))
+    else:
+        pipe = MirrorFlowMatchPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       scheduler=build_flow_scheduler(config.shift), mirror=mirror)
     train_seconds = time.perf_counter() - t_start
     heldout = None
     if config.eval_images_per_prompt:
@@ -234,3 +260,38 @@ def load_or_pretrain_flow(cache_dir: str | Path | None = None, world_dir: str | 
     world = load_or_pretrain(world_dir, progress=progress)
     return pretrain_flow(path, world, config=config, progress=progress)
 
+
+
+def default_mirror_cache_dir(world_dir: str | Path | None = None) -> Path:
+    """`<world folder>-mirror`, beside the diffusion world (default: `default_cache_dir()`)."""
+    from .cache import default_cache_dir
+
+    world = Path(world_dir) if world_dir is not None else default_cache_dir()
+    return world.with_name(world.name + "-mirror")
+
+
+def validate_mirror_world(path: str | Path) -> dict:
+    """`validate_flow_world` plus: the folder holds a mirror pipeline (mirror/mirror_config.json, recipe with a mirror)."""
+    meta = validate_flow_world(path)
+    if meta.get("config", {}).get("mirror", "none") == "none" or not (Path(path) / "mirror" / "mirror_config.json").is_file():
+        raise ValueError(f"{path} is a flow base without a mirror map (missing mirror/mirror_config.json)")
+    return meta
+
+
+def load_or_pretrain_mirror(cache_dir: str | Path | None = None, world_dir: str | Path | None = None, progress: bool = True,
+                            config: FlowPretrainConfig | None = None) -> Path:
+    """The toy mirror-flow base (default `<world>-mirror`): the flow recipe trained in the dual space of the
+    regularised box mirror map, so its samples never leave [0, 1]; trained first when absent or broken."""
+    from .cache import load_or_pretrain
+
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_mirror_cache_dir(world_dir)
+    try:
+        validate_mirror_world(path)
+        return path
+    except ValueError as e:
+        logger.warning("no usable toy mirror-flow base at %s (%s); training it (about 3-4 minutes on 2 CPU cores)", path, e)
+    config = config or FlowPretrainConfig(mirror="box_regularized")
+    if config.mirror == "none":
+        raise ValueError("load_or_pretrain_mirror needs a config with mirror set, e.g. FlowPretrainConfig(mirror='box_regularized')")
+    world = load_or_pretrain(world_dir, progress=progress)
+    return pretrain_flow(path, world, config=config, progress=progress)
