@@ -1,11 +1,17 @@
-"""Checkpoints: weights (safetensors via save_pretrained), optimiser, method state, loop counters; written atomically."""
+"""Checkpoints, written atomically: weights (safetensors via save_pretrained), optimiser, method state
+(replay buffers, per-prompt statistics), loop counters, extra stateful objects (EMA, LR scheduler) and
+every process's RNG states (python `random`, numpy, torch CPU and CUDA), so a resumed run continues
+bit for bit.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ._atomic import atomic_dir
@@ -50,13 +56,52 @@ def verify_checkpoint(path: Path) -> None:
             raise CorruptCheckpointError(f"checkpoint {str(path)!r}: {rel} does not match its recorded size/hash (corrupt)")
 
 
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's global RNG states (python, numpy, torch CPU, every CUDA device) as tensors and plain values."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: Dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back what `capture_rng_state` returned (CUDA states only where this process has CUDA)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(f"checkpoint holds CUDA RNG states for {len(cuda)} devices but this process sees "
+                             f"{torch.cuda.device_count()}; resume on the same number of GPUs")
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_state: Dict[str, Any],
-                    trainer_state: Dict[str, Any]) -> Path:
-    """Write a checkpoint folder in one rename; a COMPLETE marker is the last file written."""
+                    trainer_state: Dict[str, Any], stateful: Optional[Mapping[str, Any]] = None,
+                    rng_states: Optional[Sequence[Mapping[str, Any]]] = None) -> Path:
+    """Write a checkpoint folder in one rename; a COMPLETE marker is the last file written.
+
+    `stateful` maps names to objects with `state_dict()` (EMA weights, an LR scheduler); `rng_states`
+    holds one `capture_rng_state()` per process, in rank order.
+    """
     with atomic_dir(path) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(method_state, tmp / "method_state.pt")
+        if stateful:
+            torch.save({name: obj.state_dict() for name, obj in stateful.items()}, tmp / "states.pt")
+        if rng_states is not None:
+            torch.save(list(rng_states), tmp / "rng_states.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         _write_manifest(tmp)
         (tmp / _COMPLETE).write_text("ok\n")
@@ -67,11 +112,14 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / _COMPLETE).is_file() and (Path(path) / "trainer_state.json").is_file()
 
 
-def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
-    """Load weights and optimiser in place; returns {"trainer_state", "method_state"}.
+def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer],
+                    stateful: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Load weights, optimiser and each `stateful` object in place; returns {"trainer_state", "method_state", "rng_states"}.
 
     Every file is checked against the manifest before anything is loaded, so a corrupt checkpoint
-    raises CorruptCheckpointError and leaves the model and optimiser untouched.
+    raises CorruptCheckpointError and leaves the model and optimiser untouched. A name in `stateful`
+    that the checkpoint lacks raises ValueError; states the checkpoint has but nobody asks for are ignored.
+    `rng_states` is the per-process list (None for checkpoints written without it); restoring it is the caller's choice.
     """
     path = Path(path)
     verify_checkpoint(path)
@@ -83,6 +131,12 @@ def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer]
     optim_state = torch.load(path / "optimizer.pt", weights_only=True) if optimizer is not None else None
     method_state = torch.load(path / "method_state.pt", weights_only=True)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
+    saved_states = torch.load(path / "states.pt", weights_only=True) if (path / "states.pt").is_file() else {}
+    rng_states = torch.load(path / "rng_states.pt", weights_only=True) if (path / "rng_states.pt").is_file() else None
+    missing_states = sorted(set(stateful or {}) - set(saved_states))
+    if missing_states:
+        raise ValueError(f"checkpoint {str(path)!r} has no saved state for {missing_states} (it holds {sorted(saved_states)}); "
+                         "resume with the same settings it was written with (e.g. the same EMA/scheduler options)")
     expected = set(unet.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -90,7 +144,9 @@ def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer]
     unet.load_state_dict(state, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
-    return {"trainer_state": trainer_state, "method_state": method_state}
+    for name, obj in (stateful or {}).items():
+        obj.load_state_dict(saved_states[name])
+    return {"trainer_state": trainer_state, "method_state": method_state, "rng_states": rng_states}
 
 
 def checkpoints_newest_first(checkpoints_dir: Path, log=print) -> List[Path]:

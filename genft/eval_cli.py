@@ -206,6 +206,8 @@ def _check_checkpoints_fit(unet, checkpoints: List[Path]) -> None:
 
     expected = set(unet.state_dict())
     for c in checkpoints:
+        if (c / "lora").is_dir():  # LoRA runs: the diffusers-format adapters are loaded onto the base instead
+            continue
         with safe_open(str(next((c / "unet").glob("*.safetensors"))), framework="pt") as f:
             keys = set(f.keys())
         if keys != expected:
@@ -256,6 +258,7 @@ def run_eval(plan: EvalPlan, device: str = "auto", progress: bool = True) -> Dic
     from .checkpoint import load_checkpoint
     from .evaluation import evaluate_pipeline
     from .gallery import build_gallery
+    from .lora import ADAPTER_NAME, load_lora
     from .metrics import diversity_within_prompt, frechet_distance_features
     from .models import load_pipeline, resolve_device
 
@@ -271,11 +274,18 @@ def run_eval(plan: EvalPlan, device: str = "auto", progress: bool = True) -> Dic
     taken: set = set()
     results: List[Dict[str, Any]] = []
     for label, ckpt in tqdm(plan.models, desc="models", disable=not progress):
-        if ckpt is not None:
+        lora = ckpt is not None and (ckpt / "lora").is_dir()
+        if lora:  # adapters on top of the base weights, removed again before the next model
+            load_lora(pipeline.unet, ckpt / "lora")
+        elif ckpt is not None:
             load_checkpoint(ckpt, pipeline.unet, None)
         pipeline.unet.eval()
         eval_dir = out / "evals" / _slug(label, taken)
-        res = evaluate_pipeline(pipeline, plan.prompts, plan.rewards, out_dir=eval_dir, progress=progress, **sample_kw)
+        try:
+            res = evaluate_pipeline(pipeline, plan.prompts, plan.rewards, out_dir=eval_dir, progress=progress, **sample_kw)
+        finally:
+            if lora:
+                pipeline.unet.delete_adapters([ADAPTER_NAME])
         results.append({"label": label, "checkpoint": str(ckpt) if ckpt else None, "eval_dir": eval_dir, "result": res})
 
     table: Dict[str, Dict[str, Dict[str, Any]]] = {}

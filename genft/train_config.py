@@ -46,6 +46,17 @@ class TrainConfig(ConfigBase):
     progress: bool = option(True, "Show progress bars.")
     tracker: Literal["none", "csv", "tensorboard", "wandb"] = option("none", "Where round metrics also go, besides log.jsonl: 'none', 'csv' (output_dir/tracker.csv), 'tensorboard' (output_dir/tensorboard; needs the tensorboard package) or 'wandb' (needs wandb; never required).")
 
+    finetune: Literal["full", "lora"] = option("full", "'full': train every weight of the generator; 'lora': train peft LoRA adapters only (saved in diffusers' format, loadable with load_lora_weights).")
+    lora_rank: int = option(4, "LoRA rank r (finetune=lora). Published: 4 (DPOK, lr 1e-5), 32 (Flow-GRPO, lr 3e-4).")
+    lora_alpha: float = option(4.0, "LoRA scale α; adapters are scaled by α/r (Flow-GRPO: α = 2r = 64).")
+    lora_targets: Optional[List[str]] = option(None, "Module names LoRA adapts (finetune=lora); None: per family, the UNet's to_q/to_k/to_v/to_out.0, SD3/FLUX's joint-attention projections (see genft.lora.TARGETS).")
+    ema_decay: float = option(0.0, "Decay of an EMA of the trained weights, used for evaluation and the exported LoRA (0: off; Flow-GRPO: 0.9). Warmed up as min(decay, (1+k)/(10+k)).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "Autocast the generator's forward in bf16/fp16 (weights, step math and log-probs stay float32); fp16 adds loss scaling.")
+    trajectory_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "dtype rollout latents are stored in; 'auto': bf16/fp16 under mixed_precision, else the generator's. Latents are cast before scoring so re-scoring reproduces the log-prob.")
+    gradient_checkpointing: bool = option(False, "Recompute the generator's activations in the backward pass (less memory, ~30% more compute).")
+    attention_backend: Literal["auto", "xformers", "sdpa", "math"] = option("auto", "Attention kernel: 'sdpa' (PyTorch fused), 'math' (explicit softmax, reference), 'xformers' (CUDA + the xformers package), 'auto' (xformers on CUDA when installed, else sdpa).")
+    cache_text_embeddings: bool = option(False, "Encode every training/eval prompt once and reuse the embeddings in rollouts (kept under output_dir/text_embeddings).")
+
     def validate(self) -> None:
         super().validate()
         positive = ["num_inference_steps", "num_rounds", "prompts_per_round", "samples_per_prompt", "eval_images_per_prompt"]
@@ -75,6 +86,14 @@ class TrainConfig(ConfigBase):
                               "fix the name or add the reward")
         if not self.output_dir:
             raise ConfigError("output_dir is empty; give a folder for the run's outputs")
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            raise ConfigError(f"lora_rank={self.lora_rank} must be >= 1 and lora_alpha={self.lora_alpha} > 0, e.g. lora_rank=4 lora_alpha=4")
+        if self.lora_targets is not None and (self.finetune != "lora" or not self.lora_targets):
+            raise ConfigError(f"lora_targets={self.lora_targets!r} needs finetune=lora and at least one module name (or leave it unset)")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 turns the EMA off; e.g. 0.9)")
+        if self.attention_backend == "xformers" and self.device == "cpu":
+            raise ConfigError("attention_backend='xformers' needs CUDA but device='cpu'; use attention_backend=sdpa (or auto)")
 
     @property
     def rollout_batch_size(self) -> int:

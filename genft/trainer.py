@@ -5,6 +5,7 @@ resolved and checked (config, prompts, rewards) before a model is loaded or a sa
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -15,13 +16,19 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import Trajectory
+from pipelines import Trajectory, resolve_attention_backend, set_attention_backend
 from reward_models import RewardError, RewardModel, WeightedSum
 from reward_models.combine import AsyncScorer, score_with_components
 
-from ._atomic import atomic_write_text
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ._atomic import atomic_dir, atomic_write_text
+from .checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .distributed import (SilentLog, any_process, check_data_parallel, check_divisible, gather_tensor, gather_trajectory,
+                          mean_over_processes, shard_minibatch, shard_span)
 from .evaluation import evaluate_pipeline
+from .ema import ema_weights, make_ema
+from .lora import apply_lora, has_lora, save_lora
+from .precision import LossScaler, autocast_forward, storage_dtype
+from .text_cache import TextEmbeddingCache
 from .methods import get_method
 from .models import check_method_fits_model, load_pipeline, resolve_device
 from .prompts import load_prompts
@@ -71,6 +78,10 @@ class Trainer:
             check_method_fits_model(method_cls, config.model)
         check_tracker(config.tracker)
         self.device = resolve_device(config.device)
+        try:  # e.g. xformers asked for without CUDA or without the package: refused before any model loads
+            resolve_attention_backend(config.attention_backend, self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         try:
             self.reward = build_reward(reward if reward is not None else config.reward, config.reward_options,
                                        differentiable=method_cls.needs_reward_gradient)
@@ -93,6 +104,16 @@ class Trainer:
 
             accelerator = Accelerator(cpu=self.device.type == "cpu")
         self.accelerator = accelerator
+        check_data_parallel(accelerator)
+        if accelerator.num_processes > 1:  # one device per process, and a round that splits evenly (genft.distributed)
+            check_divisible("prompts_per_round*samples_per_prompt", config.rollout_batch_size, accelerator.num_processes)
+            for name in ("p_batch_size", "train_batch_size"):  # the methods' minibatch sizes, each sliced over processes
+                if hasattr(config, name):
+                    check_divisible(name, getattr(config, name), accelerator.num_processes)
+            if self.device.type == "cuda":
+                self.device = accelerator.device
+                for r in self.eval_rewards.values():
+                    r.to(self.device)
 
         self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model, self.device, config.progress)
         self.pipeline.to(self.device)
@@ -104,21 +125,26 @@ class Trainer:
         self.pipeline.text_encoder.requires_grad_(False)
         if self.pipeline.vae is not None:
             self.pipeline.vae.requires_grad_(False)
+        self.attention_backend = set_attention_backend(self.pipeline.unet, config.attention_backend)  # the reference copies it
         self.reference_unet = copy.deepcopy(self.pipeline.unet).requires_grad_(False).eval()
         self.pipeline.unet.requires_grad_(True).train()
+        self._setup_efficiency()
         self.method = method_cls(config, self.pipeline, self.reference_unet)
         self.method.attach(reward=self.reward)  # first-order methods (Adjoint Matching) differentiate it themselves
         self.optimizer = torch.optim.AdamW(
             [p for p in self.pipeline.unet.parameters() if p.requires_grad], lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay,
         )
-        self.pipeline.unet, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
+        # The pipeline keeps the bare UNet: it reads .config/.dtype, and sampling/evaluation need no collectives.
+        # The prepared model (DDP-wrapped with several processes) stands in only for the loss passes (`_training_model`).
+        self.model, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
         self.out_dir = Path(config.output_dir)
         # One tracker run per job, not per process (wandb would otherwise open one run per GPU).
         tracker = make_tracker(config.tracker, self.out_dir, config.to_dict()) if self.accelerator.is_main_process else None
-        self.log = RunLog(self.out_dir, tracker=tracker)
+        self.log = RunLog(self.out_dir, tracker=tracker) if self.accelerator.is_main_process else SilentLog()
         self.round = 0
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # identical on every process: minibatch draws agree
+        self.optimizer_steps = 0
         self.consecutive_skips = 0
         self.max_consecutive_skips = 5
         self.stop_requested = False
@@ -129,6 +155,28 @@ class Trainer:
                 self._resume(found)
         elif config.resume_from:
             self._resume(Path(config.resume_from))
+
+    def _setup_efficiency(self) -> None:
+        """LoRA or full fine-tuning, gradient checkpointing, mixed precision, EMA and the text cache (config fields of those names)."""
+        c, unet = self.config, self.pipeline.unet
+        if c.finetune == "lora":
+            apply_lora(unet, c.lora_rank, c.lora_alpha, c.lora_targets)
+        self.trainable = [p for p in unet.parameters() if p.requires_grad]
+        if c.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        for net in (unet, self.reference_unet):  # only the forward is autocast: step math and log-probs stay float32
+            autocast_forward(net, c.mixed_precision, self.device)
+        dtype = storage_dtype(c.mixed_precision, c.trajectory_dtype)
+        if dtype is not None:
+            self.pipeline.storage_dtype = dtype
+        self.scaler = LossScaler(c.mixed_precision, self.device)
+        self.ema = make_ema(self.trainable, c.ema_decay)
+        self.text_cache = None
+        if c.cache_text_embeddings:
+            self.text_cache = TextEmbeddingCache.for_pipeline(self.pipeline, Path(c.output_dir) / "text_embeddings")
+            if self.text_cache.precompute([*self.prompts, *self.eval_prompts, ""]) and self.accelerator.is_main_process:
+                self.text_cache.save()
+            self.text_cache.install(self.pipeline)
 
     # ----- pieces of a round ------------------------------------------------------------------
     def round_prompts(self, round_index: int) -> List[str]:
@@ -153,12 +201,18 @@ class Trainer:
             raise RewardError(f"reward {self.reward.name!r} failed on batch prompts {shown}: {e}") from e
 
     def sample_and_score(self, prompts: List[str], generators: List[torch.Generator]):
-        """Roll out the round's batch (in chunks if configured) and score it.
+        """Roll out the round's batch (in chunks if configured) and score it; returns the global round.
 
         With `async_reward`, chunk k is scored on a background thread while chunk k+1 is sampled.
-        Per-sample generators make the result identical whatever the chunking.
+        Per-sample generators make the result identical whatever the chunking. With several processes
+        each rolls out and scores its contiguous share; the trajectory and rewards are then gathered in
+        rank order, so every process returns the same global round a single process would (genft.distributed).
         """
         c = self.config
+        acc = self.accelerator
+        full = prompts
+        a0, b0 = shard_span(len(prompts), acc.process_index, acc.num_processes)
+        prompts, generators = prompts[a0:b0], generators[a0:b0]
         step = c.rollout_chunk_size or len(prompts)
         spans = [(i, min(i + step, len(prompts))) for i in range(0, len(prompts), step)]
         self.pipeline.unet.eval()
@@ -180,6 +234,11 @@ class Trainer:
             if scorer is not None:
                 scorer.close()
             self.pipeline.unet.train()
+        if acc.num_processes > 1:
+            traj, rewards = gather_trajectory(acc, traj), gather_tensor(acc, rewards)
+            self.last_reward_parts = mean_over_processes(acc, self.last_reward_parts)
+            if traj.prompts != list(full):
+                raise RuntimeError("processes disagree on the round's prompts; every process needs the same seed and prompts")
         return traj, rewards
 
     def _gather_scores(self, futures, spans, prompts: List[str]) -> torch.Tensor:
@@ -203,51 +262,101 @@ class Trainer:
         sums: Dict[str, float] = {}
         count, steps, skipped, window_ok = 0, 0, 0, True
         unet = self.pipeline.unet
+        acc = self.accelerator
+        multi = acc.num_processes > 1
         for i, batch in enumerate(self.method.minibatches(self.generator)):
-            loss, metrics = self.method.loss(batch, round_index)
-            if torch.isfinite(loss):
-                self.accelerator.backward(loss / accum)
-            else:
-                window_ok = False
+            if multi:  # the same minibatch on every process; each trains on its slice, DDP averages (genft.distributed)
+                batch = shard_minibatch(batch, acc.process_index, acc.num_processes)
+            boundary = (i + 1) % accum == 0
+            with self._training_model(sync=boundary):
+                loss, metrics = self.method.loss(batch, round_index)
+                if torch.isfinite(loss) or (multi and loss.requires_grad):
+                    # Several processes: each must join DDP's all-reduce; a window non-finite anywhere is skipped everywhere.
+                    acc.backward(self.scaler.scale(loss / accum))
+            window_ok = window_ok and bool(torch.isfinite(loss))
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-            if (i + 1) % accum == 0:
+            if boundary:
+                self.scaler.unscale(self.optimizer)  # fp16: true gradients before the checks and the clip
                 grads_ok = all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
+                if multi:
+                    window_ok = not any_process(acc, not window_ok)
                 if window_ok and grads_ok:
                     if self.config.max_grad_norm > 0:
                         norm = self.accelerator.clip_grad_norm_(unet.parameters(), self.config.max_grad_norm)
                         sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * accum
-                    self.optimizer.step()
+                    self.scaler.step(self.optimizer)
+                    if self.ema is not None:
+                        self.ema.step(self.trainable)
                     steps += 1
+                    self.optimizer_steps += 1
                     self.consecutive_skips = 0
                 else:
                     skipped += 1
-                    self.consecutive_skips += 1
-                    self.log.log({"round": round_index, "event": "skipped_update", "reason": "non-finite loss or gradient"})
+                    # fp16: an overflow at a high loss scale is expected; the scaler lowers the scale and the run goes on.
+                    overflow = window_ok and self.scaler.enabled and self.scaler.scale_value >= 1.0
+                    self.consecutive_skips += 0 if overflow else 1
+                    self.log.log({"round": round_index, "event": "skipped_update",
+                                  "reason": "fp16 loss-scale overflow" if overflow else "non-finite loss or gradient"})
                     if self.consecutive_skips >= self.max_consecutive_skips:
                         raise TrainingError(
                             f"{self.consecutive_skips} consecutive updates had a non-finite loss or gradient (round {round_index}); "
                             "lower learning_rate or reward_weight, and check the reward for NaNs"
                         )
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 window_ok = True
-        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out = mean_over_processes(acc, {k: v / max(count, 1) for k, v in sums.items()})
         out.update(optimizer_steps=steps, skipped_updates=skipped)
         return out
 
+    @contextlib.contextmanager
+    def _training_model(self, sync: bool = True):
+        """Route the method's forward passes through the prepared model (DDP with several processes).
+
+        Without `sync` (a micro-batch inside a gradient-accumulation window) DDP skips its all-reduce; the
+        window's last micro-batch averages the summed gradients once.
+        """
+        if self.model is self.pipeline.unet:
+            yield
+            return
+        bare = self.pipeline.unet
+        self.pipeline.unet = self.model
+        try:
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    stack.enter_context(self.accelerator.no_sync(self.model))
+                yield
+        finally:
+            self.pipeline.unet = bare
+
     def evaluate(self, tag: str) -> Dict:
-        """Fixed-seed samples of the eval prompts, scored by every reward; saved under evals/<tag>/."""
+        """Fixed-seed samples of the eval prompts, scored by every reward; saved under evals/<tag>/.
+
+        With several processes the main one evaluates (the bare UNet, no collectives) and sends the result to the others.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._evaluate_here(tag)
+        from accelerate.utils import broadcast_object_list
+
+        result = [self._evaluate_here(tag) if acc.is_main_process else None]
+        broadcast_object_list(result, from_process=0)
+        return result[0]
+
+    def _evaluate_here(self, tag: str) -> Dict:
         c = self.config
         unet = self.pipeline.unet
         was_training = unet.training
         unet.eval()
         try:
-            result = evaluate_pipeline(
-                self.pipeline, self.eval_prompts, self.eval_rewards, images_per_prompt=c.eval_images_per_prompt,
-                seed=c.seed + 12345, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                eta=c.eval_eta, out_dir=self.out_dir / "evals" / tag,
-            )
+            with ema_weights(self.ema, self.trainable):  # evaluate the averaged weights when the EMA is on
+                result = evaluate_pipeline(
+                    self.pipeline, self.eval_prompts, self.eval_rewards, images_per_prompt=c.eval_images_per_prompt,
+                    seed=c.seed + 12345, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
+                    eta=c.eval_eta, out_dir=self.out_dir / "evals" / tag,
+                )
         finally:
             unet.train(was_training)
         self.log.log({"round": self.round, "event": "eval", "tag": tag,
@@ -258,10 +367,12 @@ class Trainer:
     def train(self) -> Dict:
         """Run all rounds; returns the evaluation before and after and the path of the run folder."""
         c = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.json", json.dumps(c.to_dict(), indent=1))
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.json", json.dumps(c.to_dict(), indent=1))
         before = self.evaluate("before") if self.round == 0 else None
-        bar = tqdm(range(self.round, c.num_rounds), desc=f"{c.method} rounds", disable=not c.progress,
+        bar = tqdm(range(self.round, c.num_rounds), desc=f"{c.method} rounds", disable=not c.progress or not acc.is_main_process,
                    initial=self.round, total=c.num_rounds)
         for r in bar:
             t0 = time.time()
@@ -281,6 +392,7 @@ class Trainer:
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}")
             if c.eval_every and self.round % c.eval_every == 0 and self.round < c.num_rounds:
                 self.evaluate(f"round_{self.round:05d}")
+            self.stop_requested = any_process(acc, self.stop_requested)  # a signal on any process stops all of them together
             if self.stop_requested:
                 path = self.save(self.out_dir / "checkpoints" / f"round_{self.round:05d}")
                 self.log.log({"round": self.round, "event": "interrupted", "checkpoint": str(path)})
@@ -301,19 +413,41 @@ class Trainer:
         self.stop_requested = True
 
     # ----- checkpoints ------------------------------------------------------------------------
+    def _checkpoint_states(self) -> Dict[str, object]:
+        """Stateful helpers saved beside the weights (anything with state_dict/load_state_dict): EMA, LR scheduler."""
+        return {name: getattr(self, name) for name in ("ema", "lr_scheduler") if getattr(self, name, None) is not None}
+
     def save(self, path: Path) -> Path:
-        unet = self.accelerator.unwrap_model(self.pipeline.unet)
-        state = {"round": self.round, "generator": self.generator.get_state().tolist(), "config": self.config.to_dict()}
-        if self.accelerator.is_main_process:
-            save_checkpoint(path, unet, self.optimizer, self.method.state_dict(), state)
+        """Write a checkpoint (main process; every process's RNG states go in it); all processes return once it is on disk."""
+        acc = self.accelerator
+        unet = acc.unwrap_model(self.pipeline.unet)
+        state = {"round": self.round, "optimizer_steps": self.optimizer_steps, "num_processes": acc.num_processes,
+                 "generator": self.generator.get_state().tolist(), "config": self.config.to_dict()}
+        rng = [capture_rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
+        if acc.is_main_process:
+            save_checkpoint(path, unet, self.optimizer, self.method.state_dict(), state,
+                            stateful=self._checkpoint_states(), rng_states=rng)
+            if has_lora(unet):  # the adapters alone, in diffusers' format (EMA weights when on): load_lora_weights(path/"lora")
+                with atomic_dir(path / "lora") as tmp, ema_weights(self.ema, self.trainable):
+                    save_lora(unet, tmp)
+        acc.wait_for_everyone()
         return path
 
     def _resume(self, path: Path) -> None:
-        loaded = load_checkpoint(path, self.accelerator.unwrap_model(self.pipeline.unet), self.optimizer)
+        acc = self.accelerator
+        loaded = load_checkpoint(path, acc.unwrap_model(self.pipeline.unet), self.optimizer, stateful=self._checkpoint_states())
         state = loaded["trainer_state"]
         self.round = int(state["round"])
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.method.load_state_dict(loaded["method_state"])
+        rng = loaded["rng_states"]
+        if rng is not None and len(rng) == acc.num_processes:  # bit-identical resume needs the same process count
+            restore_rng_state(rng[acc.process_index])
 
 
 def train(config: TrainConfig, **kwargs) -> Dict:

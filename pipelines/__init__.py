@@ -4,6 +4,7 @@ Public API: the pure step functions (`ddim_step`), the `GaussianStep` record wit
 `gaussian_log_prob` / `gaussian_kl`, the `Trajectory` record, and one pipeline class per family.
 This package never imports `genft` or `reward_models`.
 """
+from ._attention import BACKENDS as ATTENTION_BACKENDS, resolve_attention_backend, set_attention_backend
 from ._ddim import ddim_prev_timestep, ddim_step
 from ._diffusion import DiffusionPipeline
 from ._family import FAMILIES, detect_family
@@ -17,6 +18,9 @@ from ._mirror_pipeline import MirrorFlowMatchPipeline
 from ._trajectory import Trajectory
 
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "resolve_attention_backend",
+    "set_attention_backend",
     "DiffusionPipeline",
     "FlowMatchPipeline",
     "MEMORYLESS_NOISE_LEVEL",
