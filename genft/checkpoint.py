@@ -9,7 +9,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -88,11 +88,14 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_state: Dict[str, Any],
                     trainer_state: Dict[str, Any], stateful: Optional[Mapping[str, Any]] = None,
-                    rng_states: Optional[Sequence[Mapping[str, Any]]] = None) -> Path:
+                    rng_states: Optional[Sequence[Mapping[str, Any]]] = None,
+                    extra_writers: Optional[Mapping[str, Callable[[Path], None]]] = None) -> Path:
     """Write a checkpoint folder in one rename; a COMPLETE marker is the last file written.
 
     `stateful` maps names to objects with `state_dict()` (EMA weights, an LR scheduler); `rng_states`
-    holds one `capture_rng_state()` per process, in rank order.
+    holds one `capture_rng_state()` per process, in rank order. `extra_writers` maps a subfolder name
+    to a function that fills it (e.g. LoRA adapters in diffusers' format): it is written inside the
+    same temporary folder, so it is covered by the manifest and the single rename.
     """
     with atomic_dir(path) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -102,6 +105,9 @@ def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_s
             torch.save({name: obj.state_dict() for name, obj in stateful.items()}, tmp / "states.pt")
         if rng_states is not None:
             torch.save(list(rng_states), tmp / "rng_states.pt")
+        for name, write in (extra_writers or {}).items():
+            (tmp / name).mkdir()
+            write(tmp / name)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         _write_manifest(tmp)
         (tmp / _COMPLETE).write_text("ok\n")

@@ -20,7 +20,7 @@ from pipelines import Trajectory, resolve_attention_backend, set_attention_backe
 from reward_models import RewardError, RewardModel, WeightedSum
 from reward_models.combine import AsyncScorer, score_with_components
 
-from ._atomic import atomic_dir, atomic_write_text
+from ._atomic import atomic_write_text
 from .checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .distributed import (SilentLog, any_process, check_data_parallel, check_divisible, gather_tensor, gather_trajectory,
                           mean_over_processes, shard_minibatch, shard_span)
@@ -415,7 +415,10 @@ class Trainer:
     # ----- checkpoints ------------------------------------------------------------------------
     def _checkpoint_states(self) -> Dict[str, object]:
         """Stateful helpers saved beside the weights (anything with state_dict/load_state_dict): EMA, LR scheduler."""
-        return {name: getattr(self, name) for name in ("ema", "lr_scheduler") if getattr(self, name, None) is not None}
+        states = {name: getattr(self, name) for name in ("ema", "lr_scheduler") if getattr(self, name, None) is not None}
+        if self.scaler.enabled:  # fp16 loss scale: resuming at the default scale would replay overflow skips
+            states["loss_scaler"] = self.scaler
+        return states
 
     def save(self, path: Path) -> Path:
         """Write a checkpoint (main process; every process's RNG states go in it); all processes return once it is on disk."""
@@ -429,11 +432,15 @@ class Trainer:
 
             rng = gather_object(rng)
         if acc.is_main_process:
-            save_checkpoint(path, unet, self.optimizer, self.method.state_dict(), state,
-                            stateful=self._checkpoint_states(), rng_states=rng)
+            writers = {}
             if has_lora(unet):  # the adapters alone, in diffusers' format (EMA weights when on): load_lora_weights(path/"lora")
-                with atomic_dir(path / "lora") as tmp, ema_weights(self.ema, self.trainable):
-                    save_lora(unet, tmp)
+                def write_lora(folder: Path) -> None:
+                    with ema_weights(self.ema, self.trainable):
+                        save_lora(unet, folder)
+
+                writers["lora"] = write_lora
+            save_checkpoint(path, unet, self.optimizer, self.method.state_dict(), state,
+                            stateful=self._checkpoint_states(), rng_states=rng, extra_writers=writers)
         acc.wait_for_everyone()
         return path
 

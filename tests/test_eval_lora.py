@@ -22,6 +22,8 @@ def test_eval_compares_a_lora_checkpoint_with_its_base(tmp_path):
     assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
     final = tmp_path / "run" / "checkpoints" / "final"
     assert (final / "lora").is_dir()
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert "lora/pytorch_lora_weights.safetensors" in manifest  # written inside the checkpoint's one atomic rename
 
     out = tmp_path / "ev"
     args = ["eval", "--model", str(model), "--checkpoints", str(final), str(final), "--prompts", str(prompts),
