@@ -31,7 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.get("interrupted"):
         print(f"\ninterrupted: checkpoint saved at {result['checkpoint']}; resume with resume_from=latest")
         return 130
-    _print_summary(result)
+    if trainer.accelerator.is_main_process:  # one summary per job, not one per process
+        _print_summary(result)
     return 0
 
 

@@ -16,6 +16,10 @@ class Method:
     A method turns scored rollouts into minibatches and a differentiable loss. Override:
     `advantages` (optional), `collect`, `minibatches`, `loss`; and `extra_step`/`state_dict` for
     auxiliary networks (value baselines, discriminators, fake-score nets).
+
+    Under several processes `collect` sees the whole round, gathered in rank order; minibatches are
+    drawn from the shared seeded generator and each process trains on its slice of each one, so the
+    loss must be a mean over the minibatch for DDP's gradient average to equal the 1-process step.
     """
 
     name = "base"
