@@ -29,6 +29,10 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
         from .toyworld.flow_pretrain import load_or_pretrain_flow
 
         path = load_or_pretrain_flow(progress=progress)
+    elif model == "toyworld-one-step":
+        from .toyworld.one_step_init import build_toy_one_step
+
+        return build_toy_one_step(device, progress=progress)
     elif model == "toyworld-mirror":
         from .toyworld.flow_pretrain import load_or_pretrain_mirror
 
@@ -40,6 +44,10 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
     family = detect_family(str(path))
     if family == "flow":
         return FlowMatchPipeline.from_pretrained(path, device=device)
+    if family == "one_step":
+        from pipelines import OneStepPipeline
+
+        return OneStepPipeline.from_pretrained(path, device=device)
     if family == "mirror":
         from pipelines import MirrorFlowMatchPipeline
 
@@ -51,7 +59,8 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
 
 def check_method_fits_model(method_cls, model: str) -> None:
     """Refuse, before loading anything, a method that cannot drive the model's generator family."""
-    family = {"toyworld": "diffusion", "toyworld-flow": "flow", "toyworld-mirror": "mirror"}.get(model) or detect_family(model)
+    family = {"toyworld": "diffusion", "toyworld-flow": "flow", "toyworld-mirror": "mirror",
+              "toyworld-one-step": "one_step"}.get(model) or detect_family(model)
     if family is not None and family not in method_cls.families:
         raise ConfigError(
             f"method={method_cls.name!r} works on {'/'.join(method_cls.families)} generators, but model={model!r} is a "

@@ -15,9 +15,12 @@ from ._mirror import (MIRRORS, BoxEntropicMirror, BoxLogBarrierMirror, BoxRegula
                       IdentityMap, MirrorFlow, MirrorMap, SimplexEntropicMirror, SimplexRegularizedMirror, StudentTPrior,
                       mirror_map)
 from ._mirror_pipeline import MirrorFlowMatchPipeline
+from ._one_step import OneStepPipeline, one_step_x0
 from ._trajectory import Trajectory
 
 __all__ = [
+    "OneStepPipeline",
+    "one_step_x0",
     "ATTENTION_BACKENDS",
     "resolve_attention_backend",
     "set_attention_backend",

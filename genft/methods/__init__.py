@@ -6,10 +6,12 @@ from typing import Dict, Type
 from ..config import ConfigError
 from .adjoint_matching import AdjointMatching, AdjointMatchingConfig
 from .base import Method
+from .diff_instruct_star import DiffInstructStar, DiffInstructStarConfig
 from .dpok import DPOK, DPOKConfig
 from .fail import FAIL, FAILConfig
 
 METHODS: Dict[str, Type[Method]] = {"dpok": DPOK, "adjoint_matching": AdjointMatching, "fail": FAIL}
+METHODS["diff_instruct_star"] = DiffInstructStar
 
 
 def get_method(name: str) -> Type[Method]:
@@ -19,5 +21,5 @@ def get_method(name: str) -> Type[Method]:
     return METHODS[name]
 
 
-__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "METHODS", "Method",
+__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DiffInstructStar", "DiffInstructStarConfig", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "METHODS", "Method",
            "get_method"]
