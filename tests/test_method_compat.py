@@ -43,7 +43,7 @@ def test_dpok_on_a_consistency_model_is_refused_before_loading(tmp_path, no_mode
     tiny_diffusion_pipeline().save_pretrained(folder)
     _as_family(folder, "LCMScheduler")
     cfg = genft.load_config(model=str(folder), reward="jpeg_compressibility", eval_rewards=[], output_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match=r"method='dpok' works on diffusion/flow generators.*consistency model"):
+    with pytest.raises(ConfigError, match=r"method='dpok' works on diffusion/flow/mirror generators.*consistency model"):
         genft.Trainer(cfg, prompts=["a cat"], eval_prompts=["a cat"])
 
 

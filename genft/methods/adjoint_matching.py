@@ -220,7 +220,8 @@ class AdjointMatching(Method):
 
     def _empty_prompt(self, batch: int) -> torch.Tensor:
         if self._empty_embed is None:
-            self._empty_embed = self.pipeline.encode_prompt([""])
+            encode_negative = getattr(self.pipeline, "encode_negative", None)  # SDXL: zeros, as its rollouts use
+            self._empty_embed = encode_negative("", 1) if encode_negative else self.pipeline.encode_prompt([""])
         return self._empty_embed.expand(batch, *self._empty_embed.shape[1:])
 
     def loss(self, batch: Dict[str, Any], round_index: int) -> Tuple[torch.Tensor, Dict[str, float]]:
