@@ -41,10 +41,14 @@ def _load_runs_module():
     return module
 
 
-def test_queries_to_reach_counts_whole_rounds_of_the_smoothed_curve():
+def test_queries_to_gain_reads_the_held_out_curve_from_the_run_log():
     runs = _load_runs_module()
-    curve = [0.1, 0.5, 0.2, 0.6, 0.9]
-    assert runs.smoothed(curve, 2) == pytest.approx([0.1, 0.3, 0.35, 0.4, 0.75])
-    assert runs.queries_to_reach(curve, 0.35, queries_per_round=32, window=2) == 96
-    assert runs.queries_to_reach(curve, 0.5, queries_per_round=32, window=1) == 64
-    assert runs.queries_to_reach(curve, 0.95, queries_per_round=32, window=1) is None
+    records = [{"round": 0, "event": "eval", "tag": "before", "eval/r": 1.0}, {"round": 1, "reward_mean": 5.0},
+               {"round": 2, "event": "eval", "tag": "round_00002", "eval/r": 1.02},
+               {"round": 4, "event": "eval", "tag": "round_00004", "eval/r": 1.06},
+               {"round": 6, "event": "eval", "tag": "after", "eval/other": 9.0}]
+    curve = runs.eval_curve(records, "r")
+    assert curve == [(0, 1.0), (2, 1.02), (4, 1.06)]
+    assert runs.queries_to_gain(curve, 0.05, queries_per_round=32) == 128
+    assert runs.queries_to_gain(curve, 0.01, queries_per_round=32) == 64
+    assert runs.queries_to_gain(curve, 0.1, queries_per_round=32) is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from genft.loading import load_config
 from genft.trainer import Trainer
@@ -22,8 +22,9 @@ def run_recipe(recipe: str, output_dir: Path, overrides: Sequence[str] = (), **v
     t0 = time.perf_counter()
     result = Trainer(config).train()
     seconds = time.perf_counter() - t0
-    rounds = [r for r in read_log(output_dir) if "reward_mean" in r]
-    return {"config": config, "result": result, "rounds": rounds, "seconds": seconds,
+    records = read_log(output_dir)
+    rounds = [r for r in records if "reward_mean" in r]
+    return {"config": config, "result": result, "rounds": rounds, "records": records, "seconds": seconds,
             "queries_per_round": config.prompts_per_round * config.samples_per_prompt}
 
 
@@ -33,20 +34,19 @@ def read_log(output_dir: Path) -> List[Dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def smoothed(values: Sequence[float], window: int) -> List[float]:
-    """Trailing mean over `window` rounds (fewer at the start): the round-to-round batch noise is large."""
-    out = []
-    for i in range(len(values)):
-        part = values[max(0, i - window + 1): i + 1]
-        out.append(sum(part) / len(part))
-    return out
+def eval_curve(records: Sequence[Dict], reward: str) -> List[Tuple[int, float]]:
+    """(round, held-out mean of `reward`) at every evaluation of a run, 'before' first (round 0)."""
+    return [(int(r["round"]), float(r[f"eval/{reward}"])) for r in records if r.get("event") == "eval" and f"eval/{reward}" in r]
 
 
-def queries_to_reach(rewards: Sequence[float], target: float, queries_per_round: int, window: int = 3) -> Optional[int]:
-    """Reward queries spent when the smoothed rollout reward first reaches `target` (None: never within the budget)."""
-    for i, value in enumerate(smoothed(rewards, window)):
-        if value >= target:
-            return (i + 1) * queries_per_round
+def queries_to_gain(curve: Sequence[Tuple[int, float]], gain: float, queries_per_round: int) -> Optional[int]:
+    """Reward queries spent when the held-out reward first exceeds its value before training by `gain` (None: never)."""
+    if not curve:
+        return None
+    start = curve[0][1]
+    for round_index, value in curve[1:]:
+        if value >= start + gain:
+            return round_index * queries_per_round
     return None
 
 
