@@ -1,8 +1,6 @@
 """Resolve a config's `model` to a pipeline: the cached toy world, a hub id, or a local folder."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pipelines import DiffusionPipeline, FlowMatchPipeline, detect_family
@@ -21,6 +19,10 @@ def resolve_device(device: str) -> torch.device:
 
 def load_pipeline(model: str, device: torch.device, progress: bool = True):
     """The pipeline for `model`, by family (diffusion or flow); 'toyworld'/'toyworld-flow' pretrain on first use."""
+    if model == "toyworld-one-step":
+        from .toyworld.one_step_init import build_toy_one_step
+
+        return build_toy_one_step(device, progress=progress)
     if model == "toyworld":
         from .toyworld import load_or_pretrain
 
@@ -29,29 +31,33 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
         from .toyworld.flow_pretrain import load_or_pretrain_flow
 
         path = load_or_pretrain_flow(progress=progress)
-    elif model == "toyworld-one-step":
-        from .toyworld.one_step_init import build_toy_one_step
+    elif model == "toyworld-lcm":
+        from .toyworld.lcm_distill import load_or_distill_lcm
 
-        return build_toy_one_step(device, progress=progress)
+        path = load_or_distill_lcm(progress=progress)
     elif model == "toyworld-mirror":
         from .toyworld.flow_pretrain import load_or_pretrain_mirror
 
         path = load_or_pretrain_mirror(progress=progress)
-    else:
-        path = model
-        if Path(model).exists() and not (Path(model) / "unet").is_dir():
-            raise ValueError(f"model={model!r} is a folder without a unet/ subfolder; point it at a diffusers pipeline folder")
+    else:  # hub ids and folders: one registry entry per pipeline class (SD 1/2, SDXL, SD3, FLUX, LCM, genft's own)
+        import pipelines
+
+        return pipelines.load(model, device=device)
     family = detect_family(str(path))
     if family == "flow":
         return FlowMatchPipeline.from_pretrained(path, device=device)
-    if family == "one_step":
-        from pipelines import OneStepPipeline
-
-        return OneStepPipeline.from_pretrained(path, device=device)
     if family == "mirror":
         from pipelines import MirrorFlowMatchPipeline
 
         return MirrorFlowMatchPipeline.from_pretrained(path, device=device)
+    if family == "consistency":
+        from pipelines import ConsistencyPipeline
+
+        return ConsistencyPipeline.from_pretrained(path, device=device)
+    if family == "one_step":
+        from pipelines import OneStepPipeline
+
+        return OneStepPipeline.from_pretrained(path, device=device)
     if family not in (None, "diffusion"):
         raise ValueError(f"model={model!r} is a {family} model, which genft cannot load yet; use a diffusion or flow model")
     return DiffusionPipeline.from_pretrained(path, device=device)
@@ -59,8 +65,8 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
 
 def check_method_fits_model(method_cls, model: str) -> None:
     """Refuse, before loading anything, a method that cannot drive the model's generator family."""
-    family = {"toyworld": "diffusion", "toyworld-flow": "flow", "toyworld-mirror": "mirror",
-              "toyworld-one-step": "one_step"}.get(model) or detect_family(model)
+    family = {"toyworld": "diffusion", "toyworld-flow": "flow", "toyworld-mirror": "mirror", "toyworld-one-step": "one_step",
+              "toyworld-lcm": "consistency"}.get(model) or detect_family(model)
     if family is not None and family not in method_cls.families:
         raise ConfigError(
             f"method={method_cls.name!r} works on {'/'.join(method_cls.families)} generators, but model={model!r} is a "

@@ -5,6 +5,8 @@ Public API: the pure step functions (`ddim_step`), the `GaussianStep` record wit
 This package never imports `genft` or `reward_models`.
 """
 from ._attention import BACKENDS as ATTENTION_BACKENDS, resolve_attention_backend, set_attention_backend
+from ._consistency import (FINAL_STEP, ConsistencyPipeline, consistency_output, guidance_scale_embedding, lcm_prev_timesteps,
+                           lcm_step)
 from ._ddim import ddim_prev_timestep, ddim_step
 from ._diffusion import DiffusionPipeline
 from ._family import FAMILIES, detect_family
@@ -16,16 +18,25 @@ from ._mirror import (MIRRORS, BoxEntropicMirror, BoxLogBarrierMirror, BoxRegula
                       mirror_map)
 from ._mirror_pipeline import MirrorFlowMatchPipeline
 from ._one_step import OneStepPipeline, one_step_x0
+from ._registry import REGISTRY, load
 from ._trajectory import Trajectory
 
 __all__ = [
-    "OneStepPipeline",
-    "one_step_x0",
     "ATTENTION_BACKENDS",
     "resolve_attention_backend",
     "set_attention_backend",
+    "OneStepPipeline",
+    "one_step_x0",
+    "ConsistencyPipeline",
+    "consistency_output",
+    "FINAL_STEP",
+    "guidance_scale_embedding",
+    "lcm_prev_timesteps",
+    "lcm_step",
     "DiffusionPipeline",
     "FlowMatchPipeline",
+    "REGISTRY",
+    "load",
     "MEMORYLESS_NOISE_LEVEL",
     "flow_ode_step",
     "flow_sde_noise_scale",

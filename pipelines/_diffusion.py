@@ -10,30 +10,66 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ._ddim import ddim_step
 from ._gaussian import GaussianStep, Reduce
+from ._text import SDXL_TIME_IDS, encode_sdxl, sdxl_time_ids, sdxl_zero_negative, token_ids, unpack
 from ._trajectory import Trajectory
 
 GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
 
 
 class DiffusionPipeline:
-    """UNet + text encoder + tokenizer + DDIM scheduler (+ optional VAE) as a Gaussian policy.
+    """UNet + text encoder(s) + tokenizer(s) + DDIM scheduler (+ optional VAE) as a Gaussian policy.
 
     The pipeline keeps no sampling state: every call derives its timesteps from a fresh copy of the
     scheduler, so rollouts and re-scoring can interleave freely. Without a VAE the UNet works in
     pixel space ([-1, 1]).
+
+    SDXL: pass `text_encoder_2`/`tokenizer_2` (CLIPTextModelWithProjection); the UNet then gets
+    `added_cond_kwargs` (pooled text projection and the six size/crop time ids). Both travel packed
+    as two extra rows of `prompt_embeds` (see `pipelines._text`), so trajectories and replay buffers
+    carry them. `sample_size` overrides the UNet's latent size (resolution = sample_size · VAE factor);
+    `source_class` names the diffusers pipeline class `save_pretrained` writes (None: genft's layout).
     """
 
     family = "diffusion"
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, storage_dtype: Optional[torch.dtype] = None):
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, storage_dtype: Optional[torch.dtype] = None, *,
+                 text_encoder_2=None, tokenizer_2=None, sample_size: Optional[int] = None,
+                 source_class: Optional[str] = None, force_zeros_for_empty_prompt: bool = True):
+        self.source_scheduler = scheduler  # what save_pretrained writes back in the diffusers layout (e.g. SDXL's Euler)
         if not isinstance(scheduler, DDIMScheduler):
-            scheduler = DDIMScheduler.from_config(scheduler.config)
+            # Samplers without the notion (Euler, DPM-Solver, ...) never clip x̂0; DDIM's default would (clip_sample=True).
+            scheduler = DDIMScheduler.from_config({**scheduler.config, "clip_sample": scheduler.config.get("clip_sample", False)})
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("pass text_encoder_2 and tokenizer_2 together (SDXL) or neither")
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2
+        self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.vae = vae
         self.storage_dtype = storage_dtype
+        self.sample_size = sample_size
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.text_kind = "sdxl" if text_encoder_2 is not None else "clip"
+        self.source_class = source_class or ("StableDiffusionXLPipeline" if self.text_kind == "sdxl" else None)
+        self._check_added_conditioning()
+
+    def _check_added_conditioning(self) -> None:
+        """SDXL's UNet takes text_time added conditioning of width 6·addition_time_embed_dim + pooled dim."""
+        cfg = _unwrap(self.unet).config
+        wants = cfg.get("addition_embed_type") == "text_time"
+        if wants != (self.text_kind == "sdxl"):
+            raise ValueError(
+                f"the UNet has addition_embed_type={cfg.get('addition_embed_type')!r} but text_encoder_2 is "
+                f"{'set' if self.text_encoder_2 is not None else 'None'}: SDXL UNets (text_time) need both CLIP encoders, others one"
+            )
+        if wants:
+            expected = cfg.addition_time_embed_dim * SDXL_TIME_IDS + self.text_encoder_2.config.projection_dim
+            got = _unwrap(self.unet).add_embedding.linear_1.in_features
+            if expected != got:
+                raise ValueError(f"SDXL UNet add_embedding takes {got} features but 6·addition_time_embed_dim + "
+                                 f"text_encoder_2 projection_dim = {expected}; the components do not belong together")
 
     # ----- loading -----------------------------------------------------------------------------
     @classmethod
@@ -44,6 +80,10 @@ class DiffusionPipeline:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         path = str(path)
+        if _registered_diffusers_class(path):  # e.g. a StableDiffusionXLPipeline folder: the registry's loader
+            from ._registry import load
+
+            return load(path, device=device, dtype=torch_dtype)
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **({"dtype": torch_dtype} if torch_dtype else {}))
@@ -60,6 +100,10 @@ class DiffusionPipeline:
     def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
         """Write every component in the diffusers folder layout (safetensors weights)."""
         path = str(path)
+        if self.source_class is not None:  # the diffusers layout of the class it was loaded from
+            from ._registry import save_as_diffusers
+
+            return save_as_diffusers(self, path)
         self.unet.save_pretrained(os.path.join(path, "unet"))
         self.text_encoder.save_pretrained(os.path.join(path, "text_encoder"))
         self.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
@@ -68,7 +112,7 @@ class DiffusionPipeline:
             self.vae.save_pretrained(os.path.join(path, "vae"))
 
     def to(self, device: Union[str, torch.device]) -> "DiffusionPipeline":
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if m is not None:
                 m.to(device)
         return self
@@ -83,38 +127,71 @@ class DiffusionPipeline:
         return self.storage_dtype or next(self.unet.parameters()).dtype
 
     # ----- text --------------------------------------------------------------------------------
+    def text_inputs(self) -> list:
+        """(tokenizer, max token count) for every text encoder, in order."""
+        out = [(self.tokenizer, int(self.tokenizer.model_max_length))]
+        if self.tokenizer_2 is not None:
+            out.append((self.tokenizer_2, int(self.tokenizer_2.model_max_length)))
+        return out
+
     def check_prompts(self, prompts: Sequence[str], field_name: str = "prompt", allow_empty: bool = True) -> list:
-        """Token ids padded to the encoder's length; raises for prompts it would truncate (and empty ones unless allowed).
+        """The first tokenizer's ids padded to its length; raises for prompts any tokenizer would truncate (and empty ones unless allowed).
 
         The empty prompt is the unconditional input of classifier-free guidance, hence allowed by default.
         """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
-        max_len = self.tokenizer.model_max_length
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=False, return_tensors=None)["input_ids"]
-        for p, seq in zip(prompts, ids):
-            if not allow_empty and not p.strip():
-                raise ValueError(f"{field_name} {p!r} is empty; every prompt needs text")
-            if len(seq) > max_len:
-                raise ValueError(
-                    f"{field_name} {p!r} is {len(seq)} tokens long but the text encoder takes at most {max_len}; shorten it"
-                )
-        return ids
+        ids = [token_ids(tok, prompts, n, field_name, allow_empty) for tok, n in self.text_inputs()]
+        return ids[0]
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states [B, L, D]; refuses prompts the tokenizer would truncate."""
+        """Text-encoder hidden states [B, L, D] (SDXL: [B, L+2, D], pooled and time ids packed); refuses prompts the tokenizer would truncate."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
         ids = self.check_prompts(prompts)
+        dtype = next(self.unet.parameters()).dtype
+        if self.text_kind == "sdxl":
+            _, h, w = self.latent_shape
+            f = self.vae_scale_factor
+            time_ids = sdxl_time_ids(h * f, w * f, len(prompts))
+            return encode_sdxl([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], prompts,
+                               time_ids).to(dtype)
         ids = torch.tensor(ids, dtype=torch.long, device=self.text_encoder.device)
-        return self.text_encoder(ids)[0].to(self.unet.dtype)
+        return self.text_encoder(ids)[0].to(dtype)
+
+    def encode_negative(self, negative_prompt: str, batch: int) -> torch.Tensor:
+        """The CFG unconditional input; SDXL with force_zeros_for_empty_prompt uses zeros for the empty prompt, as diffusers."""
+        emb = self.encode_prompt([negative_prompt] * batch)
+        if self.text_kind == "sdxl" and self.force_zeros_for_empty_prompt and negative_prompt == "":
+            return sdxl_zero_negative(emb)
+        return emb
+
+    @property
+    def prompt_embed_dim(self) -> int:
+        """Width D of `encode_prompt`'s [B, L, D] (SDXL: both CLIP widths joined)."""
+        dims = [self.text_encoder.config.hidden_size]
+        if self.text_encoder_2 is not None:
+            dims.append(self.text_encoder_2.config.hidden_size)
+        return sum(dims)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: 2^(VAE blocks − 1), 1 without a VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    def _unet_kwargs(self, embeds: torch.Tensor) -> dict:
+        """UNet keyword inputs from packed conditioning (SDXL: added_cond_kwargs unpacked from the extra rows)."""
+        if self.text_kind != "sdxl":
+            return {"encoder_hidden_states": embeds}
+        hidden, (pooled, time_ids) = unpack(embeds, self.text_encoder_2.config.projection_dim, SDXL_TIME_IDS)
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
     # ----- model -------------------------------------------------------------------------------
     @property
     def latent_shape(self) -> tuple:
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+        cfg = _unwrap(self.unet).config
+        size = self.sample_size or (cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size))
         hw = (size, size) if isinstance(size, int) else size
         return (cfg.in_channels, *hw)
 
@@ -137,12 +214,12 @@ class DiffusionPipeline:
         if guidance_scale > 1.0 and negative_prompt_embeds is not None:
             x_in = torch.cat([x, x]).to(dtype)
             emb = torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype)
-            out = unet(x_in, torch.cat([t, t]), encoder_hidden_states=emb).sample.float()
+            out = unet(x_in, torch.cat([t, t]), **self._unet_kwargs(emb)).sample.float()
             uncond, cond = out.chunk(2)
             if detach_uncond:
                 uncond = uncond.detach()
             return uncond + guidance_scale * (cond - uncond)
-        return unet(x.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+        return unet(x.to(dtype), t, **self._unet_kwargs(prompt_embeds.to(dtype))).sample.float()
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """The scheduler's timesteps for `num_inference_steps`, from a fresh copy (no shared state)."""
@@ -183,7 +260,7 @@ class DiffusionPipeline:
             raise ValueError("prompts is empty; pass at least one prompt")
         batch = len(prompts)
         prompt_embeds = self.encode_prompt(prompts)
-        negative = self.encode_prompt([negative_prompt] * batch) if guidance_scale > 1.0 else None
+        negative = self.encode_negative(negative_prompt, batch) if guidance_scale > 1.0 else None
         timesteps = self.timesteps(num_inference_steps)
         x = latents.to(self.device, self.latent_dtype) if latents is not None else self.initial_latents(batch, generator)
         all_latents, log_probs, stds = [x], [], []
@@ -283,3 +360,18 @@ def _hub_has_subfolder(path: str, name: str) -> bool:
     index = _HFPipeline.load_config(path)
     entry = index.get(name)
     return bool(entry) and entry[0] is not None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP/accelerate wrappers (which keep it in `.module`)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _registered_diffusers_class(path: str) -> bool:
+    """True when `path`'s model_index.json names a diffusers pipeline class that `pipelines.load` reads itself."""
+    from ._registry import DIFFUSERS_ENTRIES, read_model_index
+
+    index = read_model_index(path)
+    return index is not None and index.get("_class_name") in DIFFUSERS_ENTRIES

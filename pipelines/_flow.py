@@ -1,7 +1,9 @@
 """Text-to-image flow matching (rectified flow) over diffusers components, with exact trajectory log-probs.
 
-The velocity network may be a `UNet2DConditionModel` (the toy world) or an `SD3Transformer2DModel`;
-the model-specific call and text-encoding code sits in the small adapter functions below.
+The velocity network may be a `UNet2DConditionModel` (the toy world), an `SD3Transformer2DModel`
+(one CLIP, or SD3's two CLIPs + T5) or a `FluxTransformer2DModel` (CLIP pooled + T5); the
+model-specific call sits in the small adapter functions below, text encoding in `pipelines._text`,
+FLUX's latent packing in `pipelines._flux`.
 """
 from __future__ import annotations
 
@@ -13,39 +15,33 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from ._diffusion import DiffusionPipeline, _hub_has_subfolder
+from ._diffusion import DiffusionPipeline, _hub_has_subfolder, _registered_diffusers_class, _unwrap
 from ._flow_step import SAMPLERS, LogProbForm, Sampler, flow_sde_step
+from ._flux import call_flux
 from ._gaussian import GaussianStep, Reduce
+from ._text import clip_max_length, encode_flux, encode_sd3, unpack
 from ._trajectory import Trajectory
 
 GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
 
-_MULTI_ENCODER_MSG = (
-    "multi-encoder text conditioning is not implemented: SD3 needs text_encoder_2 (CLIP-G) and text_encoder_3 (T5), "
-    "FLUX needs text_encoder_2 (T5) plus latent packing, positional ids and the guidance embedding. FlowMatchPipeline "
-    "supports one CLIP text encoder (text_encoder/ + tokenizer/) with a UNet2DConditionModel or SD3Transformer2DModel"
-)
+# diffusers' defaults for the T5 token count (StableDiffusion3Pipeline / FluxPipeline `max_sequence_length`).
+DEFAULT_T5_LENGTH = {"sd3": 256, "flux": 512}
+DEFAULT_FLUX_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with the 8× VAE
 
 
 # ----- model adapters: the only model-specific code ---------------------------------------------
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP/accelerate wrappers (which keep it in `.module`)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
 def model_kind(model: torch.nn.Module) -> str:
-    """'unet' or 'sd3' from the velocity network's class (subclasses included); other classes raise."""
+    """'unet', 'sd3' or 'flux' from the velocity network's class (subclasses included); other classes raise."""
     names = {c.__name__ for c in type(_unwrap(model)).__mro__}
     if "UNet2DConditionModel" in names:
         return "unet"
     if "SD3Transformer2DModel" in names:
         return "sd3"
     if "FluxTransformer2DModel" in names:
-        raise NotImplementedError(f"FluxTransformer2DModel is not supported yet: {_MULTI_ENCODER_MSG}")
+        return "flux"
     raise TypeError(
-        f"velocity model must be a UNet2DConditionModel or SD3Transformer2DModel, got {type(_unwrap(model)).__name__}"
+        "velocity model must be a UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel, "
+        f"got {type(_unwrap(model)).__name__}"
     )
 
 
@@ -58,7 +54,12 @@ def _call_sd3(model, x, t, embeds):
     return model(hidden_states=x, timestep=t, encoder_hidden_states=hidden, pooled_projections=pooled, return_dict=False)[0]
 
 
-_CALLS = {"unet": _call_unet, "sd3": _call_sd3}
+def _call_flux(model, x, t, embeds):
+    """FLUX without a guidance embedding (e.g. FLUX.1-schnell) on the CFG path: t is already t / 1000."""
+    return call_flux(model, x, t, embeds, None)
+
+
+_CALLS = {"unet": _call_unet, "sd3": _call_sd3, "flux": _call_flux}
 
 
 def _split_sd3(embeds: torch.Tensor, pooled_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -90,22 +91,32 @@ _ENCODES = {"unet": _encode_unet, "sd3": _encode_sd3}
 
 
 class FlowMatchPipeline:
-    """Velocity network + CLIP text encoder + flow-match scheduler (+ optional VAE) as a Gaussian policy.
+    """Velocity network + text encoder(s) + flow-match scheduler (+ optional VAE) as a Gaussian policy.
 
     Same surface as `DiffusionPipeline`, so the trainer drives either. Conventions:
       - `unet` is the velocity network whatever its class (named so the trainer finds it).
       - The flow family's "timesteps" are noise levels σ ∈ (0, 1] (1 = noise); the network is called
         at σ·num_train_timesteps. The scheduler supplies only the σ schedule (incl. `shift`); its
         step counter is never used.
-      - For SD3 transformers, `prompt_embeds` packs the pooled CLIP projection as one extra last
-        token row (zero-padded): [B, L+1, joint_attention_dim]. It then travels through
+      - For SD3 and FLUX transformers, `prompt_embeds` packs the pooled text projection as one extra
+        last token row (zero-padded): [B, L+1, joint_attention_dim]. It then travels through
         `Trajectory.select/cat` and replay buffers like any prompt embedding.
+      - SD3 with `text_encoder_2` (CLIP-G) and `text_encoder_3` (T5, may be None) encodes as
+        diffusers' StableDiffusion3Pipeline; FLUX takes `text_encoder` (CLIP, pooled) and
+        `text_encoder_2` (T5). `max_sequence_length` is the T5 token count (diffusers' defaults).
+      - FLUX.1-dev is guidance-distilled: `guidance_scale` feeds its guidance embedding and no
+        unconditional pass runs (`uses_cfg` is False). FLUX latents are stored unpacked [B, C, H, W].
+      - `sample_size` overrides the latent size (FLUX has none in its config: 128 by default);
+        `source_class` names the diffusers pipeline class `save_pretrained` writes (None: genft's layout).
     Without a VAE the network works in pixel space ([-1, 1]).
     """
 
     family = "flow"
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, storage_dtype: Optional[torch.dtype] = None):
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, storage_dtype: Optional[torch.dtype] = None, *,
+                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                 sample_size: Optional[int] = None, max_sequence_length: Optional[int] = None,
+                 source_class: Optional[str] = None):
         if not type(scheduler).__name__.startswith("FlowMatch"):
             raise TypeError(f"scheduler must be a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -116,9 +127,19 @@ class FlowMatchPipeline:
         self.unet = unet
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
         self.scheduler = scheduler
         self.vae = vae
         self.storage_dtype = storage_dtype
+        self.sample_size = sample_size
+        self.text_kind = _text_kind(self.kind, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3)
+        self.max_sequence_length = max_sequence_length or DEFAULT_T5_LENGTH.get(self.kind)
+        default_source = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}.get(self.text_kind)
+        self.source_class = source_class or default_source
+        if self.kind == "flux" and (self.sample_size or DEFAULT_FLUX_SAMPLE_SIZE) % 2:
+            raise ValueError(f"FLUX latents are packed 2×2: the latent sample_size must be even, got {self.sample_size} "
+                             "(pick a resolution that is an even multiple of the VAE factor)")
 
     # ----- loading -----------------------------------------------------------------------------
     @classmethod
@@ -131,13 +152,19 @@ class FlowMatchPipeline:
         import transformers
 
         path = str(path)
+        if _registered_diffusers_class(path):  # StableDiffusion3Pipeline / FluxPipeline folders: the registry's loader
+            from ._registry import load
+
+            return load(path, device=device, dtype=torch_dtype)
         for extra in ("text_encoder_2", "text_encoder_3"):
             if _has_component(path, extra):
-                raise NotImplementedError(f"{path} has {extra}/: {_MULTI_ENCODER_MSG}")
+                raise NotImplementedError(
+                    f"{path} has {extra}/ but is in genft's single-encoder layout (model_index.json names no diffusers "
+                    "pipeline class): genft reads multi-encoder models only from diffusers' StableDiffusion3Pipeline or "
+                    "FluxPipeline folders; load those with pipelines.load(path)"
+                )
         sub = "transformer" if _has_component(path, "transformer") else "unet"
         class_name = _read_class_name(path, sub)
-        if class_name == "FluxTransformer2DModel":
-            raise NotImplementedError(f"{path} holds a FLUX transformer: {_MULTI_ENCODER_MSG}")
         if class_name not in ("UNet2DConditionModel", "SD3Transformer2DModel"):
             raise TypeError(f"{path}/{sub} holds a {class_name}; expected UNet2DConditionModel or SD3Transformer2DModel")
         kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
@@ -160,6 +187,10 @@ class FlowMatchPipeline:
         import diffusers
 
         path = str(path)
+        if self.source_class is not None:  # the diffusers layout of the class it was loaded from
+            from ._registry import save_as_diffusers
+
+            return save_as_diffusers(self, path)
         model = _unwrap(self.unet)
         sub = "unet" if self.kind == "unet" else "transformer"
         model.save_pretrained(os.path.join(path, sub))
@@ -180,7 +211,7 @@ class FlowMatchPipeline:
             json.dump(index, f, indent=2)
 
     def to(self, device: Union[str, torch.device]) -> "FlowMatchPipeline":
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
             if m is not None:
                 m.to(device)
         return self
@@ -200,28 +231,66 @@ class FlowMatchPipeline:
         return self.storage_dtype or next(self.unet.parameters()).dtype
 
     # ----- text --------------------------------------------------------------------------------
-    # Shared with DiffusionPipeline: it reads only self.tokenizer.
+    # Shared with DiffusionPipeline: it reads only self.text_inputs().
     check_prompts = DiffusionPipeline.check_prompts
+
+    def text_inputs(self) -> list:
+        """(tokenizer, max token count) for every text encoder, in order (T5: `max_sequence_length`)."""
+        out = [(self.tokenizer, clip_max_length(self.tokenizer))]
+        if self.text_kind == "sd3":
+            out.append((self.tokenizer_2, clip_max_length(self.tokenizer_2)))
+            if self.text_encoder_3 is not None:
+                out.append((self.tokenizer_3, self.max_sequence_length))
+        elif self.text_kind == "flux":
+            out.append((self.tokenizer_2, self.max_sequence_length))
+        return out
+
+    vae_scale_factor = DiffusionPipeline.vae_scale_factor
+
+    @property
+    def prompt_embed_dim(self) -> int:
+        """Width D of `encode_prompt`'s [B, L, D]: the transformer's joint_attention_dim for SD3/FLUX, else the CLIP width."""
+        if self.kind in ("sd3", "flux"):
+            return int(_unwrap(self.unet).config.joint_attention_dim)
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def uses_cfg(self) -> bool:
+        """False for guidance-distilled FLUX (guidance_scale goes to its embedding); True for every other model."""
+        return not (self.kind == "flux" and _unwrap(self.unet).config.guidance_embeds)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Conditioning [B, L, D] for the velocity network (SD3: pooled row appended); refuses prompts the tokenizer would truncate."""
+        """Conditioning [B, L, D] for the velocity network (SD3/FLUX: pooled row appended); refuses prompts the tokenizer would truncate."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
-        ids = torch.tensor(self.check_prompts(prompts), dtype=torch.long, device=self.text_encoder.device)
-        return _ENCODES[self.kind](self.text_encoder, ids, self.unet).to(next(self.unet.parameters()).dtype)
+        ids = self.check_prompts(prompts)
+        dtype = next(self.unet.parameters()).dtype
+        if self.text_kind == "sd3":
+            return encode_sd3([self.tokenizer, self.tokenizer_2, self.tokenizer_3],
+                              [self.text_encoder, self.text_encoder_2, self.text_encoder_3], prompts,
+                              _unwrap(self.unet).config.joint_attention_dim, self.max_sequence_length).to(dtype)
+        if self.text_kind == "flux":
+            return encode_flux([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], prompts,
+                               self.max_sequence_length).to(dtype)
+        ids = torch.tensor(ids, dtype=torch.long, device=self.text_encoder.device)
+        return _ENCODES[self.kind](self.text_encoder, ids, self.unet).to(dtype)
 
     def split_prompt_embeds(self, prompt_embeds: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(token states, pooled projection or None): undoes the SD3 packing of `encode_prompt`."""
-        if self.kind == "sd3":
-            return _split_sd3(prompt_embeds, _unwrap(self.unet).config.pooled_projection_dim)
+        """(token states, pooled projection or None): undoes the SD3/FLUX packing of `encode_prompt`."""
+        if self.kind in ("sd3", "flux"):
+            hidden, (pooled,) = unpack(prompt_embeds, _unwrap(self.unet).config.pooled_projection_dim)
+            return hidden, pooled
         return prompt_embeds, None
 
     # ----- model -------------------------------------------------------------------------------
     @property
     def latent_shape(self) -> tuple:
         cfg = _unwrap(self.unet).config
-        size = cfg.sample_size
+        if self.kind == "flux":  # the transformer sees 2×2 patches of C = in_channels / 4 latent channels
+            size = self.sample_size or DEFAULT_FLUX_SAMPLE_SIZE
+            return (cfg.in_channels // 4, size, size)
+        size = self.sample_size or cfg.sample_size
         hw = (size, size) if isinstance(size, int) else tuple(size)
         return (cfg.in_channels, *hw)
 
@@ -240,12 +309,17 @@ class FlowMatchPipeline:
         `detach_uncond` stops gradients through the unconditional branch, as Flow-GRPO trains.
         """
         model = unet if unet is not None else self.unet
-        call = _CALLS[model_kind(model)]
+        kind = model_kind(model)
+        call = _CALLS[kind]
         batch = x.shape[0]
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         s = s.expand(batch) if s.ndim == 0 else s
         t = s * self.scheduler.config.num_train_timesteps
         dtype = next(model.parameters()).dtype
+        if kind == "flux":  # FluxPipeline calls the transformer at t / 1000; distilled guidance, CFG only without it
+            t = t / 1000
+            if not self.uses_cfg:
+                return call_flux(model, x.to(dtype), t.to(dtype), prompt_embeds.to(dtype), guidance_scale).float()
         if guidance_scale > 1.0 and negative_prompt_embeds is not None:
             emb = torch.cat([negative_prompt_embeds, prompt_embeds]).to(dtype)
             out = call(model, torch.cat([x, x]).to(dtype), torch.cat([t, t]).to(dtype), emb).float()
@@ -263,11 +337,17 @@ class FlowMatchPipeline:
         mu = None
         if sched.config.use_dynamic_shifting:  # diffusers' calculate_shift on the image token count
             c, shape = sched.config, self.latent_shape
-            patch = getattr(_unwrap(self.unet).config, "patch_size", 1) or 1
+            patch = 2 if self.kind == "flux" else (getattr(_unwrap(self.unet).config, "patch_size", 1) or 1)
             seq = (shape[1] // patch) * (shape[2] // patch)
             m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
             mu = seq * m + c.base_shift - m * c.base_image_seq_len
-        sched.set_timesteps(num_inference_steps, mu=mu)
+        if self.kind == "flux" and not sched.config.get("use_flow_sigmas", False):
+            # FluxPipeline's schedule: σ = linspace(1, 1/n, n) before the (dynamic) shift.
+            import numpy as np
+
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
+        else:
+            sched.set_timesteps(num_inference_steps, mu=mu)
         return sched.sigmas.clone().float().cpu()
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -333,7 +413,7 @@ class FlowMatchPipeline:
             inside[start:end] = True
             levels = torch.where(inside, levels, torch.zeros_like(levels))
         prompt_embeds = self.encode_prompt(prompts)
-        negative = self.encode_prompt([negative_prompt] * batch) if guidance_scale > 1.0 else None
+        negative = self.encode_prompt([negative_prompt] * batch) if guidance_scale > 1.0 and self.uses_cfg else None
         x = latents.to(self.device, self.latent_dtype) if latents is not None else self.initial_latents(batch, generator)
         all_latents, log_probs, stds = [x], [], []
         for k in range(num_inference_steps):
@@ -452,6 +532,21 @@ class FlowMatchPipeline:
         """Images [B, 3, H, W] in [0, 1] for `prompts`; noise_level 0 (default) is the deterministic Euler ODE."""
         noise_level = _resolve_noise_level(noise_level, eta, default=0.0)
         return self.rollout(prompts, generator, num_inference_steps, guidance_scale, noise_level=noise_level, sampler=sampler).images
+
+
+def _text_kind(kind: str, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3) -> str:
+    """'clip' (UNet), 'sd3-clip' (SD3 with one CLIP), 'sd3' (two CLIPs + optional T5) or 'flux'; bad combinations raise."""
+    if (text_encoder_2 is None) != (tokenizer_2 is None) or (text_encoder_3 is None) != (tokenizer_3 is None):
+        raise ValueError("pass each text_encoder_N together with its tokenizer_N")
+    if kind == "flux":
+        if text_encoder_2 is None or text_encoder_3 is not None:
+            raise ValueError("FLUX takes text_encoder (CLIP) and text_encoder_2 (T5), and no text_encoder_3")
+        return "flux"
+    if kind == "sd3" and text_encoder_2 is not None:
+        return "sd3"
+    if text_encoder_2 is not None or text_encoder_3 is not None:
+        raise ValueError(f"a {kind} velocity network takes one text encoder; SD3 takes text_encoder_2 (and _3), FLUX text_encoder_2")
+    return "sd3-clip" if kind == "sd3" else "clip"
 
 
 def _resolve_noise_level(noise_level: Optional[float], eta: Optional[float], default: float) -> float:

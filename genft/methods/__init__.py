@@ -9,9 +9,11 @@ from .base import Method
 from .diff_instruct_star import DiffInstructStar, DiffInstructStarConfig
 from .dpok import DPOK, DPOKConfig
 from .fail import FAIL, FAILConfig
+from .rocm import ROCM, ROCMConfig
 
 METHODS: Dict[str, Type[Method]] = {"dpok": DPOK, "adjoint_matching": AdjointMatching, "fail": FAIL}
 METHODS["diff_instruct_star"] = DiffInstructStar
+METHODS["rocm"] = ROCM
 
 
 def get_method(name: str) -> Type[Method]:
@@ -21,5 +23,5 @@ def get_method(name: str) -> Type[Method]:
     return METHODS[name]
 
 
-__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DiffInstructStar", "DiffInstructStarConfig", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "METHODS", "Method",
+__all__ = ["AdjointMatching", "AdjointMatchingConfig", "DiffInstructStar", "DiffInstructStarConfig", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "METHODS", "Method", "ROCM", "ROCMConfig",
            "get_method"]
