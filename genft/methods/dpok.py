@@ -92,7 +92,8 @@ class DPOK(Method):
         self.value_net = None
         self.value_optimizer = None
         if config.value_baseline:
-            text_dim = pipeline.text_encoder.config.hidden_size
+            # SDXL/SD3/FLUX embeddings are wider than one text encoder (joined widths, joint-attention dim)
+            text_dim = getattr(pipeline, "prompt_embed_dim", None) or pipeline.text_encoder.config.hidden_size
             latent_numel = int(torch.tensor(pipeline.latent_shape).prod())
             self.value_net = ValueNet(latent_numel, text_dim, config.num_inference_steps).to(pipeline.device)
             self.value_optimizer = torch.optim.AdamW(self.value_net.parameters(), lr=config.value_lr)
@@ -128,7 +129,16 @@ class DPOK(Method):
             step=ks.to(dev), prompt_embeds=trajectory.prompt_embeds[rows],
             negative_prompt_embeds=(neg if neg is not None else trajectory.prompt_embeds)[rows],
             old_log_prob=trajectory.log_probs[rows, ks], advantage=advantages.to(lat.device)[rows],
+            **{k: v.to(dev)[rows] for k, v in self.sample_fields(trajectory, rewards).items()},
         )
+
+    def sample_fields(self, trajectory: Trajectory, rewards: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Hook: extra per-sample tensors [B] stored with each of the sample's transitions (GARDO's KL gate)."""
+        return {}
+
+    def kl_reduce(self, kl: torch.Tensor, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hook: the KL loss term from per-transition KLs [N]: their mean (GARDO gates it)."""
+        return kl.mean()
 
     def minibatches(self, generator: torch.Generator) -> Iterable[Dict[str, torch.Tensor]]:
         for _ in range(self.config.p_step * self.config.gradient_accumulation):
@@ -160,7 +170,7 @@ class DPOK(Method):
                 kl = gaussian_kl(step.mean, ref.mean, step.std)
             else:
                 kl = eps_kl(step.model_output, ref.model_output)
-            loss = loss + c.kl_weight * kl.mean()
+            loss = loss + c.kl_weight * self.kl_reduce(kl, batch)
             metrics["kl"] = kl.mean().item()
         ratio = torch.exp(step.log_prob.detach() - old_log_prob)
         metrics.update(

@@ -41,13 +41,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gain", type=float, default=0.05, help="Held-out reward gain over the method's own start that counts as reached.")
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--eval-prompts", type=int, default=10, help="Held-out prompts per evaluation (2 images each).")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Extra config overrides for every method.")
     ap.add_argument("--out", default="genft_runs/bench_sample_efficiency")
     args = ap.parse_args(argv)
     table = []
     for m in args.methods:
         recipe = RECIPES / f"{RECIPE_OF.get(m, m)}.yaml"
         overrides = [f"num_rounds={args.rounds}", f"reward={REWARD}", f"eval_every={args.eval_every}",
-                     f"eval_max_prompts={args.eval_prompts}", "eval_images_per_prompt=2", "eval_rewards=[toy_oracle_accuracy]"]
+                     f"eval_max_prompts={args.eval_prompts}", "eval_images_per_prompt=2", "eval_rewards=[toy_oracle_accuracy]", *args.set]
         run = run_recipe(str(recipe), Path(args.out) / m, overrides)
         curve = eval_curve(run["records"], REWARD)
         row = {"method": m, "model": run["config"].model, "curve": curve, "queries_per_round": run["queries_per_round"],
