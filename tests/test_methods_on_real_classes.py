@@ -66,3 +66,17 @@ def test_fail_on_flux_class(tmp_path, variant):
                                disc_steps=1, disc_batch_size=4, disc_warmup_rounds=0, train_batch_size=4, num_mc=2,
                                reward="jpeg_compressibility", eval_eta=0.0, **_common(tmp_path))
     assert _run(tmp_path, "flux", config, None)
+
+
+@pytest.mark.parametrize("method,family", [("dpok", "sd15"), ("grpo", "sd15"), ("grpo", "sd3"), ("grpo", "flux")])
+def test_policy_gradient_methods_on_real_classes(tmp_path, method, family):
+    extra = {"p_batch_size": 4, "gradient_accumulation": 1, "p_step": 1} if method == "dpok" else {"train_batch_size": 4}
+    config = genft.load_config(method=method, model=str(tmp_path / "model"), eta=1.0 if family == "sd15" else 0.8,
+                               reward="jpeg_compressibility", **extra, **_common(tmp_path))
+    assert _run(tmp_path, family, config, Brightness())
+
+
+def test_rocm_on_the_latent_consistency_class(tmp_path):
+    config = genft.load_config(method="rocm", model=str(tmp_path / "model"), train_batch_size=4, eval_eta=1.0,
+                               **{**_common(tmp_path), "num_inference_steps": 2})
+    assert _run(tmp_path, "lcm", config, Brightness(differentiable=True))
