@@ -17,7 +17,9 @@ from diffusers import LCMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._ddim import _as_batch_timesteps
+from ._diffusion import _unwrap
 from ._gaussian import GaussianStep, Reduce, gaussian_log_prob
+from ._text import token_ids
 from ._trajectory import Trajectory
 
 GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
@@ -227,16 +229,7 @@ class ConsistencyPipeline:
     # ----- text and pixels ---------------------------------------------------------------------
     def check_prompts(self, prompts: Sequence[str], field_name: str = "prompt", allow_empty: bool = True) -> list:
         """Token ids padded to the encoder's length; raises for prompts it would truncate (and empty ones unless allowed)."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not a single string")
-        max_len = self.tokenizer.model_max_length
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=False)["input_ids"]
-        for p, seq in zip(prompts, ids):
-            if not allow_empty and not p.strip():
-                raise ValueError(f"{field_name} {p!r} is empty; every prompt needs text")
-            if len(seq) > max_len:
-                raise ValueError(f"{field_name} {p!r} is {len(seq)} tokens long but the text encoder takes at most {max_len}; shorten it")
-        return ids
+        return token_ids(self.tokenizer, prompts, self.tokenizer.model_max_length, field_name, allow_empty)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -450,13 +443,6 @@ class ConsistencyPipeline:
     ) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] for `prompts` with the LCM multistep sampler (η = 1: noise injected as LCM does)."""
         return self.rollout(prompts, generator, num_inference_steps, guidance_scale, eta=eta).images
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DDP/accelerate wrappers (which keep it in `.module`)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def _has_component(path: str, name: str) -> bool:
