@@ -6,7 +6,6 @@ resolved and checked (config, prompts, rewards) before a model is loaded or a sa
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import random
 import time
@@ -27,6 +26,7 @@ from .distributed import (SilentLog, any_process, check_data_parallel, check_div
 from .evaluation import evaluate_pipeline
 from .ema import ema_weights, make_ema
 from .lora import apply_lora, has_lora, save_lora
+from .reference import make_reference
 from .precision import LossScaler, autocast_forward, storage_dtype
 from .text_cache import TextEmbeddingCache
 from .methods import get_method
@@ -126,9 +126,15 @@ class Trainer:
         if self.pipeline.vae is not None:
             self.pipeline.vae.requires_grad_(False)
         self.attention_backend = set_attention_backend(self.pipeline.unet, config.attention_backend)  # the reference copies it
-        self.reference_unet = copy.deepcopy(self.pipeline.unet).requires_grad_(False).eval()
+        # Full fine-tuning: a frozen copy taken before any training state is added. LoRA: a view of the
+        # policy with its adapters off (genft.reference), made once the adapters exist. None: unused (DI*).
+        self.reference_unet = None
+        if method_cls.uses_reference and config.finetune != "lora":
+            self.reference_unet = make_reference(self.pipeline.unet, lora=False)
         self.pipeline.unet.requires_grad_(True).train()
         self._setup_efficiency()
+        if method_cls.uses_reference and config.finetune == "lora":
+            self.reference_unet = make_reference(self.pipeline.unet, lora=True)
         self.method = method_cls(config, self.pipeline, self.reference_unet)
         self.method.attach(reward=self.reward)  # first-order methods (Adjoint Matching) differentiate it themselves
         self.optimizer = torch.optim.AdamW(
@@ -165,7 +171,8 @@ class Trainer:
         if c.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         for net in (unet, self.reference_unet):  # only the forward is autocast: step math and log-probs stay float32
-            autocast_forward(net, c.mixed_precision, self.device)
+            if net is not None:  # a LoRA reference is made after this and calls the (autocast) policy itself
+                autocast_forward(net, c.mixed_precision, self.device)
         dtype = storage_dtype(c.mixed_precision, c.trajectory_dtype)
         if dtype is not None:
             self.pipeline.storage_dtype = dtype

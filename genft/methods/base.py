@@ -28,6 +28,8 @@ class Method:
     families: Tuple[str, ...] = ("diffusion",)
     #: first-order methods back-propagate through the reward and need `differentiable=True` rewards.
     needs_reward_gradient: bool = False
+    #: False for methods with no KL/divergence to the starting model: the Trainer then makes no reference network.
+    uses_reference: bool = True
 
     def __init__(self, config: TrainConfig, pipeline, reference_unet: torch.nn.Module):
         self.config = config

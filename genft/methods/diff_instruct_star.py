@@ -11,7 +11,7 @@ whose gradient equals the divergence's. Math lives in `genft.di_star_math`.
 Where the frozen teacher comes from: `reference_model` names a diffusion model ('toyworld', a folder or
 a hub id); left empty, the diffusion base recorded in the one-step model (`OneStepPipeline.base_model`,
 written to model_index.json as `genft_base_model`) is used. It must share the generator's text encoder
-and latent space. The Trainer's own `reference_unet` (a copy of the generator) is not used.
+and latent space. It needs no copy of the generator, so the Trainer makes none (`uses_reference = False`).
 """
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ class DiffInstructStar(Method):
     config_class = DiffInstructStarConfig
     families = ("one_step",)
     needs_reward_gradient = True
+    uses_reference = False
 
     def __init__(self, config: DiffInstructStarConfig, pipeline, reference_unet: Optional[torch.nn.Module] = None):
         super().__init__(config, pipeline, reference_unet)

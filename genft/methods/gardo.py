@@ -34,6 +34,7 @@ from ..config import ConfigError, option
 from ..features import FeatureExtractor, load_features
 from ..gardo import (AdaptiveFraction, ReferenceResetTrigger, diversity_advantages, nearest_neighbour_distance,
                      rank_uncertainty, uncertainty_gate)
+from ..reference import AdapterReference, add_reference_adapter, copy_policy_adapter
 from ..reward_setup import build_reward
 from .dpok import DPOK, DPOKConfig
 from .grpo import GRPO, GRPOConfig
@@ -55,7 +56,7 @@ class GARDOOptions:
     adaptive_kl_fraction: bool = option(True, "Adapt p: ×(1+rate) when the round's mean positive uncertainty tops the last `window` rounds, ×(1−rate) below them.")
     kl_fraction_rate: float = option(0.1, "Multiplicative step of the adaptive p.")
     kl_fraction_window: int = option(20, "Rounds of uncertainty history the adaptive p compares against.")
-    adaptive_reference: bool = option(True, "Reset the KL reference to the current policy (full-weight copy) when triggered.")
+    adaptive_reference: bool = option(True, "Reset the KL reference to the current policy when triggered: a full-weight copy, or with finetune=lora a second, frozen adapter.")
     reference_kl_threshold: float = option(3e-4, "Reset after a round in which an optimiser step's mean (gated) KL exceeded this (code: 3e-4, 'set per task'); 0 disables.")
     reference_reset_every: int = option(15, "Also reset every N rounds since the last reset (code: 15 epochs); 0 disables.")
     diversity_advantage: bool = option(True, "Multiply above-mean advantages by the sample's nearest-neighbour distance over its group's mean distance (no std division).")
@@ -87,9 +88,6 @@ class GARDOOptions:
         if self.reference_kl_threshold < 0 or self.reference_reset_every < 0:
             raise ConfigError(f"reference_kl_threshold={self.reference_kl_threshold} and reference_reset_every="
                               f"{self.reference_reset_every} must be >= 0 (0 disables that trigger)")
-        if self.adaptive_reference and self.kl_weight > 0 and getattr(self, "finetune", "full") == "lora":
-            raise ConfigError("adaptive_reference=True with finetune=lora is not implemented yet: the reset copies full weights, "
-                              "while with LoRA the reference should be a second adapter; set adaptive_reference=false or finetune=full")
         if self.diversity_advantage and self.samples_per_prompt < 2:
             raise ConfigError(f"diversity_advantage needs samples_per_prompt >= 2 (nearest neighbours within a prompt's group), "
                               f"got {self.samples_per_prompt}")
@@ -144,6 +142,8 @@ class GARDOMixin:
         rate = c.kl_fraction_rate if c.adaptive_kl_fraction else 0.0
         self.fraction = AdaptiveFraction(c.kl_fraction, c.kl_fraction_min, c.kl_fraction_max, rate, c.kl_fraction_window)
         self.trigger = ReferenceResetTrigger(c.reference_kl_threshold, c.reference_reset_every) if c.adaptive_reference and c.kl_weight > 0 else None
+        if self.trigger is not None and isinstance(self.reference_unet, AdapterReference):
+            add_reference_adapter(self.reference_unet)  # LoRA: the moving reference is a second, frozen adapter
         device = self.pipeline.device
         self.aux = {name: build_reward(name, c.aux_reward_options).to(device) for name in c.aux_rewards} if self.gates_kl else {}
         self.features = build_features(c.diversity_features, c.diversity_feature_options) if c.diversity_advantage else None
@@ -186,11 +186,11 @@ class GARDOMixin:
         return term
 
     def reset_reference(self) -> None:
-        """Copy the policy's full weights into the reference network.
-
-        With LoRA this is the one place to change: copy the active adapter into a second, frozen
-        reference adapter (the released code's "old" adapter) instead of the whole network.
-        """
+        """Reference := the current policy: its full weights, or with LoRA its adapter into the reference adapter
+        (the released code's "old" adapter)."""
+        if isinstance(self.reference_unet, AdapterReference):
+            copy_policy_adapter(self.reference_unet.module)
+            return
         policy = getattr(self.pipeline.unet, "module", self.pipeline.unet)
         self.reference_unet.load_state_dict(policy.state_dict())
 
@@ -216,6 +216,7 @@ class GARDOMixin:
         gardo: Dict[str, Any] = {"fraction": self.fraction.state_dict()}
         if self.trigger is not None:
             gardo["trigger"] = self.trigger.state_dict()
+        if self.trigger is not None and not isinstance(self.reference_unet, AdapterReference):  # an adapter is in the network's weights
             gardo["reference"] = {k: v.detach().cpu().clone() for k, v in self.reference_unet.state_dict().items()}
         return {**super().state_dict(), "gardo": gardo}
 
@@ -225,6 +226,7 @@ class GARDOMixin:
         self.fraction.load_state_dict(gardo["fraction"])
         if self.trigger is not None:
             self.trigger.load_state_dict(gardo["trigger"])
+        if "reference" in gardo:
             self.reference_unet.load_state_dict(gardo["reference"])
         super().load_state_dict(state)
 
