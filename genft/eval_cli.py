@@ -36,6 +36,7 @@ class EvalPlan:
     logs: List[Tuple[str, Path]] = field(default_factory=list)
     sampling: Dict[str, Any] = field(default_factory=dict)
     toy: bool = False  # the toy world (by name or a pretrained world folder): oracle accuracy per attribute
+    load_options: Dict[str, Any] = field(default_factory=dict)  # resolution / max_sequence_length the run trained at
 
 
 def _ckpt_config(path: Path) -> Dict[str, Any]:
@@ -197,7 +198,11 @@ def plan_eval(
             log_list.append((p.parent.name or str(p), p))
     sampling = dict(images_per_prompt=images_per_prompt, seed=seed, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, eta=eta, batch_size=batch_size)
-    return EvalPlan(Path(out_dir), model, models, prompt_list, built, kinds, extractor, reference, log_list, sampling, toy)
+    # Checkpoints are sampled at the resolution and T5 length they were trained at (same model only).
+    load_options = {k: train_cfg[k] for k in ("resolution", "max_sequence_length")
+                    if train_cfg.get(k) is not None and train_cfg.get("model") == model}
+    return EvalPlan(Path(out_dir), model, models, prompt_list, built, kinds, extractor, reference, log_list, sampling, toy,
+                    load_options)
 
 
 def _check_checkpoints_fit(unet, checkpoints: List[Path]) -> None:
@@ -264,7 +269,7 @@ def run_eval(plan: EvalPlan, device: str = "auto", progress: bool = True) -> Dic
 
     out = plan.out_dir
     dev = resolve_device(device)
-    pipeline = load_pipeline(plan.model, dev, progress)
+    pipeline = load_pipeline(plan.model, dev, progress, **plan.load_options)
     pipeline.check_prompts(plan.prompts, field_name="--prompts: prompt", allow_empty=False)
     _check_checkpoints_fit(pipeline.unet, [c for _, c in plan.models if c is not None])
     for r in plan.rewards.values():

@@ -1,6 +1,8 @@
 """Resolve a config's `model` to a pipeline: the cached toy world, a hub id, or a local folder."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pipelines import DiffusionPipeline, FlowMatchPipeline, detect_family
@@ -17,8 +19,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_pipeline(model: str, device: torch.device, progress: bool = True):
-    """The pipeline for `model`, by family (diffusion or flow); 'toyworld'/'toyworld-flow' pretrain on first use."""
+def load_pipeline(model: str, device: torch.device, progress: bool = True, resolution: Optional[int] = None,
+                  max_sequence_length: Optional[int] = None):
+    """The pipeline for `model`, by family (diffusion or flow); 'toyworld'/'toyworld-flow' pretrain on first use.
+
+    `resolution` and `max_sequence_length` go to `pipelines.load` for hub ids and folders (the toy worlds are fixed).
+    """
+    if model.startswith("toyworld") and (resolution is not None or max_sequence_length is not None):
+        raise ValueError(f"resolution/max_sequence_length apply to hub/folder models; {model!r} is fixed: leave them unset")
     if model == "toyworld-one-step":
         from .toyworld.one_step_init import build_toy_one_step
 
@@ -42,7 +50,7 @@ def load_pipeline(model: str, device: torch.device, progress: bool = True):
     else:  # hub ids and folders: one registry entry per pipeline class (SD 1/2, SDXL, SD3, FLUX, LCM, genft's own)
         import pipelines
 
-        return pipelines.load(model, device=device)
+        return pipelines.load(model, device=device, resolution=resolution, max_sequence_length=max_sequence_length)
     family = detect_family(str(path))
     if family == "flow":
         return FlowMatchPipeline.from_pretrained(path, device=device)

@@ -13,6 +13,8 @@ class TrainConfig(ConfigBase):
 
     method: str = option("dpok", "Which finetuner runs: a name from genft.methods (e.g. 'dpok').")
     model: str = option("toyworld", "Base generator: 'toyworld' (the cached toy world, pretrained on first use), a hub id, or a local diffusers folder.")
+    resolution: Optional[int] = option(None, "Image height = width in pixels for hub/folder models (e.g. 512 for SD3.5 or FLUX at half size); None: the model's default. Must be a multiple of the VAE's downsampling factor.")
+    max_sequence_length: Optional[int] = option(None, "T5 tokens per prompt for SD3/FLUX (None: diffusers' default, 256 for SD3 and 512 for FLUX); shorter saves memory and time.")
     reward: Union[str, Dict[str, float]] = option("toy_oracle", "Reward to optimise: a registered name (see reward_models.available()), 'module:Class', or a mapping {name: weight} for a weighted sum whose parts are logged separately.")
     reward_options: Dict[str, Dict[str, Any]] = option({}, "Constructor arguments per reward name, e.g. {clip_score: {model: ViT-B-32, pretrained: /path/to/weights.bin, device: cuda}}.")
     eval_rewards: List[str] = option(["toy_oracle_accuracy"], "Held-out rewards measured at evaluation only, never optimised.")
@@ -77,6 +79,13 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm} and weight_decay={self.weight_decay} must be >= 0")
+        for name in ("resolution", "max_sequence_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name}={value!r} must be a positive integer (or unset for the model's default)")
+            if value is not None and self.model.startswith("toyworld"):
+                raise ConfigError(f"{name}={value} applies to hub/folder models; model={self.model!r} is fixed "
+                                  "(16x16 images, its own tokenizer): leave it unset")
         if not self.reward:
             raise ConfigError("reward is empty; name a reward, e.g. reward=jpeg_compressibility, or give {name: weight, ...}")
         named = set(self.reward) if isinstance(self.reward, dict) else {self.reward}

@@ -115,7 +115,8 @@ class Trainer:
                 for r in self.eval_rewards.values():
                     r.to(self.device)
 
-        self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model, self.device, config.progress)
+        self.pipeline = pipeline if pipeline is not None else load_pipeline(config.model, self.device, config.progress,
+                                                                                config.resolution, config.max_sequence_length)
         self.pipeline.to(self.device)
         for field_name, prompt_set in (("prompts", self.prompts), ("eval_prompts", self.eval_prompts)):
             try:  # every prompt, before the first sample: a bad one must not stop the run hours in

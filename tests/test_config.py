@@ -37,6 +37,8 @@ def test_overrides_apply_after_yaml(tmp_path):
         (["eval_rewards=oops"], r"eval_rewards='oops' must be a list"),
         (["stat_min_count=40"], r"stat_min_count=40 cannot exceed stat_buffer_size=32"),
         (["nokey"], r"must look like key=value"),
+        (["resolution=512"], r"resolution=512 applies to hub/folder models; model='toyworld' is fixed"),
+        (["model=some/model", "max_sequence_length=0"], r"max_sequence_length=0 must be a positive integer"),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(overrides, match):

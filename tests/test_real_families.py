@@ -157,15 +157,22 @@ class Brightness(RewardModel):
 
 @pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
 def test_dpok_update_through_the_trainer(name, tmp_path):
-    """genft's DPOK on a multi-encoder model: its replay buffer carries the packed conditioning; ratio 1, weights move."""
+    """genft's DPOK on a multi-encoder model: its replay buffer carries the packed conditioning; ratio 1, weights move.
+
+    The Trainer loads the folder itself, at the config's `resolution` and `max_sequence_length`."""
     save_family(name, tmp_path / "model")
-    pipe = pipelines.load(str(tmp_path / "model"), **LOAD_KW[name])
-    config = genft.load_config(
+    config = genft.load_config(**LOAD_KW[name],
         model=str(tmp_path / "model"), reward="jpeg_compressibility", eval_rewards=[], output_dir=str(tmp_path / "run"),
         num_rounds=1, prompts_per_round=2, samples_per_prompt=2, num_inference_steps=3, p_step=1, gradient_accumulation=1,
         p_batch_size=4, learning_rate=1e-3, eta=0.8, kl_weight=0.1, progress=False, eval_images_per_prompt=1, seed=0,
         buffer_size=32, guidance_scale=3.0)
-    trainer = genft.Trainer(config, pipeline=pipe, reward=Brightness(), prompts=PROMPTS[:2], eval_prompts=PROMPTS[:1])
+    trainer = genft.Trainer(config, reward=Brightness(), prompts=PROMPTS[:2], eval_prompts=PROMPTS[:1])
+    if "max_sequence_length" in LOAD_KW[name]:
+        assert trainer.pipeline.max_sequence_length == LOAD_KW[name]["max_sequence_length"]
+    if "resolution" in LOAD_KW[name]:
+        default = pipelines.load(str(tmp_path / "model"), max_sequence_length=LOAD_KW[name]["max_sequence_length"])
+        assert trainer.pipeline.sample_size == pipelines.load(str(tmp_path / "model"), **LOAD_KW[name]).sample_size
+        assert trainer.pipeline.sample_size != default.sample_size
     before = {k: v.clone() for k, v in trainer.pipeline.unet.state_dict().items()}
     prompts = trainer.round_prompts(0)
     traj, rewards = trainer.sample_and_score(prompts, _gens(0, len(prompts)))
