@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_dir
+from .sharding import is_sharded, load_full_state
 
 _COMPLETE = "COMPLETE"
 _MANIFEST = "manifest.json"
@@ -89,17 +90,28 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_state: Dict[str, Any],
                     trainer_state: Dict[str, Any], stateful: Optional[Mapping[str, Any]] = None,
                     rng_states: Optional[Sequence[Mapping[str, Any]]] = None,
-                    extra_writers: Optional[Mapping[str, Callable[[Path], None]]] = None) -> Path:
+                    extra_writers: Optional[Mapping[str, Callable[[Path], None]]] = None,
+                    model_state: Optional[Mapping[str, torch.Tensor]] = None, optimizer_state: Optional[Dict[str, Any]] = None) -> Path:
     """Write a checkpoint folder in one rename; a COMPLETE marker is the last file written.
 
     `stateful` maps names to objects with `state_dict()` (EMA weights, an LR scheduler); `rng_states`
     holds one `capture_rng_state()` per process, in rank order. `extra_writers` maps a subfolder name
     to a function that fills it (e.g. LoRA adapters in diffusers' format): it is written inside the
-    same temporary folder, so it is covered by the manifest and the single rename.
+    same temporary folder, so it is covered by the manifest and the single rename. `model_state` and
+    `optimizer_state` replace the network's and optimiser's own state dicts (a sharded network's gathered
+    full weights, and its optimiser state keyed by parameter name: genft.sharding).
     """
     with atomic_dir(path) as tmp:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if model_state is None:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        else:  # the layout save_pretrained writes, from the gathered weights
+            from safetensors.torch import save_file
+
+            (tmp / "unet").mkdir()
+            unet.save_config(tmp / "unet")
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"),
+                      metadata={"format": "pt"})
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(method_state, tmp / "method_state.pt")
         if stateful:
             torch.save({name: obj.state_dict() for name, obj in stateful.items()}, tmp / "states.pt")
@@ -147,9 +159,16 @@ def load_checkpoint(path: Path, unet, optimizer: Optional[torch.optim.Optimizer]
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    unet.load_state_dict(state, strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(optim_state)
+    by_name = trainer_state.get("optimizer_format") == "by_name"
+    if is_sharded(unet) or by_name:
+        if optimizer is not None and not by_name:
+            raise ValueError(f"checkpoint {str(path)!r} was written without fsdp: its optimiser state cannot be loaded into "
+                             "a sharded model; resume it with fsdp=false")
+        load_full_state(unet, state, optimizer, optim_state)
+    else:
+        unet.load_state_dict(state, strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(optim_state)
     for name, obj in (stateful or {}).items():
         obj.load_state_dict(saved_states[name])
     return {"trainer_state": trainer_state, "method_state": method_state, "rng_states": rng_states}

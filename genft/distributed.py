@@ -28,15 +28,18 @@ PER_SAMPLE_FIELDS = ("latents", "log_probs", "prompt_embeds", "negative_prompt_e
 
 
 def check_data_parallel(accelerator) -> None:
-    """ConfigError for accelerate modes the loop does not drive: it runs one process or DDP (multi-GPU/CPU).
+    """ConfigError for accelerate modes the loop does not drive: it runs one process, DDP, or its own FSDP.
 
-    FSDP and DeepSpeed shard the weights or optimiser, which the loop's bare-UNet rollouts, main-process
-    evaluation and main-process checkpoints do not handle.
+    genft shards with FSDP2 itself (`fsdp: true`, genft.sharding) on a plain multi-process launch, since
+    accelerate's FSDP mode exists only on accelerator devices; DeepSpeed and Megatron are not driven.
     """
     kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind == "FSDP":
+        raise ConfigError("accelerate's distributed_type=FSDP is not how genft shards: launch with the multi-process config "
+                          "scripts/recipes/accelerate/fsdp.yaml and set fsdp: true in the genft recipe (genft applies FSDP2 itself)")
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(f"accelerate distributed_type={kind} is not supported by genft's training loop; use DDP "
-                          "(accelerate launch --config_file scripts/recipes/accelerate/ddp.yaml) or a single process")
+                          "(scripts/recipes/accelerate/ddp.yaml) or FSDP (fsdp: true with scripts/recipes/accelerate/fsdp.yaml)")
 
 
 def check_divisible(name: str, value: int, num_processes: int) -> None:

@@ -55,6 +55,7 @@ class TrainConfig(ConfigBase):
     ema_decay: float = option(0.0, "Decay of an EMA of the trained weights, used for evaluation and the exported LoRA (0: off; Flow-GRPO: 0.9). Warmed up as min(decay, (1+k)/(10+k)).")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "Autocast the generator's forward in bf16/fp16 (weights, step math and log-probs stay float32); fp16 adds loss scaling.")
     trajectory_dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "dtype rollout latents are stored in; 'auto': bf16/fp16 under mixed_precision, else the generator's. Latents are cast before scoring so re-scoring reproduces the log-prob.")
+    fsdp: bool = option(False, "Shard the generator's weights, gradients and optimiser state over the processes (PyTorch FSDP2, one unit per transformer/ResNet block); needs several processes (torchrun or accelerate launch). Full fine-tuning, fp32 or bf16; not with LoRA, EMA or fp16 yet.")
     gradient_checkpointing: bool = option(False, "Recompute the generator's activations in the backward pass (less memory, ~30% more compute).")
     attention_backend: Literal["auto", "xformers", "sdpa", "math"] = option("auto", "Attention kernel: 'sdpa' (PyTorch fused), 'math' (explicit softmax, reference), 'xformers' (CUDA + the xformers package), 'auto' (xformers on CUDA when installed, else sdpa).")
     cache_text_embeddings: bool = option(False, "Encode every training/eval prompt once and reuse the embeddings in rollouts (kept under output_dir/text_embeddings).")
@@ -99,6 +100,13 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"lora_rank={self.lora_rank} must be >= 1 and lora_alpha={self.lora_alpha} > 0, e.g. lora_rank=4 lora_alpha=4")
         if self.lora_targets is not None and (self.finetune != "lora" or not self.lora_targets):
             raise ConfigError(f"lora_targets={self.lora_targets!r} needs finetune=lora and at least one module name (or leave it unset)")
+        if self.fsdp:
+            clashes = [(self.finetune == "lora", "finetune=lora (the adapters are small: use DDP)"),
+                       (self.ema_decay > 0, "ema_decay > 0 (set ema_decay=0)"),
+                       (self.mixed_precision == "fp16", "mixed_precision=fp16 (use bf16)")]
+            for clash, fix in clashes:
+                if clash:
+                    raise ConfigError(f"fsdp=true does not support {fix}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 turns the EMA off; e.g. 0.9)")
         if self.attention_backend == "xformers" and self.device == "cpu":

@@ -27,6 +27,7 @@ from .evaluation import evaluate_pipeline
 from .ema import ema_weights, make_ema
 from .lora import apply_lora, has_lora, save_lora
 from .reference import make_reference
+from .sharding import full, full_model_state, full_optimizer_state, local, shard_network
 from .precision import LossScaler, autocast_forward, storage_dtype
 from .text_cache import TextEmbeddingCache
 from .methods import get_method
@@ -105,6 +106,10 @@ class Trainer:
             accelerator = Accelerator(cpu=self.device.type == "cpu")
         self.accelerator = accelerator
         check_data_parallel(accelerator)
+        if config.fsdp and accelerator.num_processes < 2:
+            raise ConfigError("fsdp=true shards the generator over processes but this run has one; launch several "
+                              "(torchrun --nproc_per_node N -m genft.cli train ..., or accelerate launch with "
+                              "scripts/recipes/accelerate/fsdp.yaml) or set fsdp=false")
         if accelerator.num_processes > 1:  # one device per process, and a round that splits evenly (genft.distributed)
             check_divisible("prompts_per_round*samples_per_prompt", config.rollout_batch_size, accelerator.num_processes)
             for name in ("p_batch_size", "train_batch_size"):  # the methods' minibatch sizes, each sliced over processes
@@ -136,6 +141,12 @@ class Trainer:
         self._setup_efficiency()
         if method_cls.uses_reference and config.finetune == "lora":
             self.reference_unet = make_reference(self.pipeline.unet, lora=True)
+        self.fsdp_units = 0
+        if config.fsdp:  # after every change to the network's modules; parameters become DTensors here (genft.sharding)
+            self.fsdp_units = shard_network(self.pipeline.unet)
+            if self.reference_unet is not None:
+                shard_network(self.reference_unet)
+            self.trainable = [p for p in self.pipeline.unet.parameters() if p.requires_grad]
         self.method = method_cls(config, self.pipeline, self.reference_unet)
         self.method.attach(reward=self.reward)  # first-order methods (Adjoint Matching) differentiate it themselves
         self.optimizer = torch.optim.AdamW(
@@ -144,7 +155,10 @@ class Trainer:
         )
         # The pipeline keeps the bare UNet: it reads .config/.dtype, and sampling/evaluation need no collectives.
         # The prepared model (DDP-wrapped with several processes) stands in only for the loss passes (`_training_model`).
-        self.model, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
+        if config.fsdp:  # FSDP averages gradients itself (reduce-scatter): no DDP wrapper
+            self.model, self.optimizer = self.pipeline.unet, self.accelerator.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
         self.out_dir = Path(config.output_dir)
         # One tracker run per job, not per process (wandb would otherwise open one run per GPU).
         tracker = make_tracker(config.tracker, self.out_dir, config.to_dict()) if self.accelerator.is_main_process else None
@@ -287,13 +301,15 @@ class Trainer:
             count += 1
             if boundary:
                 self.scaler.unscale(self.optimizer)  # fp16: true gradients before the checks and the clip
-                grads_ok = all(torch.isfinite(p.grad).all() for p in unet.parameters() if p.grad is not None)
+                grads_ok = all(torch.isfinite(local(p.grad)).all() for p in unet.parameters() if p.grad is not None)
                 if multi:
                     window_ok = not any_process(acc, not window_ok)
+                    if self.config.fsdp:  # each process checked only its own shard of the gradients
+                        grads_ok = not any_process(acc, not grads_ok)
                 if window_ok and grads_ok:
                     if self.config.max_grad_norm > 0:
                         norm = self.accelerator.clip_grad_norm_(unet.parameters(), self.config.max_grad_norm)
-                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * accum
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(full(norm)) * accum
                     self.scaler.step(self.optimizer)
                     if self.ema is not None:
                         self.ema.step(self.trainable)
@@ -342,18 +358,21 @@ class Trainer:
     def evaluate(self, tag: str) -> Dict:
         """Fixed-seed samples of the eval prompts, scored by every reward; saved under evals/<tag>/.
 
-        With several processes the main one evaluates (the bare UNet, no collectives) and sends the result to the others.
+        With several processes the main one evaluates (the bare UNet, no collectives) and sends the result to the others;
+        under FSDP every forward is a collective, so every process evaluates and only the main one writes.
         """
         acc = self.accelerator
         if acc.num_processes == 1:
             return self._evaluate_here(tag)
+        if self.config.fsdp:
+            return self._evaluate_here(tag, write=acc.is_main_process)
         from accelerate.utils import broadcast_object_list
 
         result = [self._evaluate_here(tag) if acc.is_main_process else None]
         broadcast_object_list(result, from_process=0)
         return result[0]
 
-    def _evaluate_here(self, tag: str) -> Dict:
+    def _evaluate_here(self, tag: str, write: bool = True) -> Dict:
         c = self.config
         unet = self.pipeline.unet
         was_training = unet.training
@@ -363,7 +382,7 @@ class Trainer:
                 result = evaluate_pipeline(
                     self.pipeline, self.eval_prompts, self.eval_rewards, images_per_prompt=c.eval_images_per_prompt,
                     seed=c.seed + 12345, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale,
-                    eta=c.eval_eta, out_dir=self.out_dir / "evals" / tag,
+                    eta=c.eval_eta, out_dir=self.out_dir / "evals" / tag if write else None,
                 )
         finally:
             unet.train(was_training)
@@ -439,6 +458,12 @@ class Trainer:
             from accelerate.utils import gather_object
 
             rng = gather_object(rng)
+        model_state = optimizer_state = None
+        if self.config.fsdp:  # collectives: every process gathers, the main one writes
+            model_state = full_model_state(unet)
+            optimizer_state = full_optimizer_state(unet, getattr(self.optimizer, "optimizer", self.optimizer))
+            state.update(optimizer_format="by_name", fsdp_units=self.fsdp_units,
+                         local_parameter_bytes=sum(local(p).numel() * p.element_size() for p in unet.parameters()))
         if acc.is_main_process:
             writers = {}
             if has_lora(unet):  # the adapters alone, in diffusers' format (EMA weights when on): load_lora_weights(path/"lora")
@@ -448,13 +473,15 @@ class Trainer:
 
                 writers["lora"] = write_lora
             save_checkpoint(path, unet, self.optimizer, self.method.state_dict(), state,
-                            stateful=self._checkpoint_states(), rng_states=rng, extra_writers=writers)
+                            stateful=self._checkpoint_states(), rng_states=rng, extra_writers=writers,
+                            model_state=model_state, optimizer_state=optimizer_state)
         acc.wait_for_everyone()
         return path
 
     def _resume(self, path: Path) -> None:
         acc = self.accelerator
-        loaded = load_checkpoint(path, acc.unwrap_model(self.pipeline.unet), self.optimizer, stateful=self._checkpoint_states())
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer) if self.config.fsdp else self.optimizer
+        loaded = load_checkpoint(path, acc.unwrap_model(self.pipeline.unet), optimizer, stateful=self._checkpoint_states())
         state = loaded["trainer_state"]
         self.round = int(state["round"])
         self.optimizer_steps = int(state.get("optimizer_steps", 0))

@@ -53,9 +53,10 @@ def test_sharded_accelerate_modes_are_refused_and_ddp_is_accepted():
 
     from accelerate.utils import DistributedType
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ConfigError, match="not supported.*ddp.yaml"):
-            check_data_parallel(SimpleNamespace(distributed_type=kind))
+    with pytest.raises(ConfigError, match="DEEPSPEED is not supported.*ddp.yaml.*fsdp: true"):
+        check_data_parallel(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    with pytest.raises(ConfigError, match="FSDP is not how genft shards.*fsdp.yaml.*fsdp: true"):
+        check_data_parallel(SimpleNamespace(distributed_type=DistributedType.FSDP))
     for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         check_data_parallel(SimpleNamespace(distributed_type=kind))
 

@@ -67,6 +67,9 @@ class GARDOOptions:
     def validate(self) -> None:
         super().validate()  # the base method's config (cooperative: GARDO configs list GARDOOptions first)
         gate = self.gated_kl and self.kl_weight > 0
+        if getattr(self, "fsdp", False) and self.adaptive_reference and self.kl_weight > 0:
+            raise ConfigError("adaptive_reference=true with fsdp=true is not supported yet (the reset copies a sharded network "
+                              "and its checkpoint would need gathering); set adaptive_reference=false or use DDP")
         if gate and not self.aux_rewards:
             raise ConfigError("gated_kl=True needs aux_rewards to estimate uncertainty, e.g. aux_rewards=[aesthetic,image_reward] "
                               "(the paper's); or set gated_kl=false")
