@@ -126,6 +126,14 @@ def save_checkpoint(path: Path, unet, optimizer: torch.optim.Optimizer, method_s
     return path
 
 
+def read_trainer_state(path: Path) -> Dict[str, Any]:
+    """A checkpoint's trainer_state.json (round, counters, config, formats); {} when it cannot be read."""
+    try:
+        return json.loads((Path(path) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def is_complete(path: Path) -> bool:
     return (Path(path) / _COMPLETE).is_file() and (Path(path) / "trainer_state.json").is_file()
 

@@ -28,18 +28,20 @@ PER_SAMPLE_FIELDS = ("latents", "log_probs", "prompt_embeds", "negative_prompt_e
 
 
 def check_data_parallel(accelerator) -> None:
-    """ConfigError for accelerate modes the loop does not drive: it runs one process, DDP, or its own FSDP.
+    """ConfigError for accelerate modes the loop does not drive: it runs one process, DDP, DeepSpeed ZeRO 1/2
+    (genft.zero checks its settings) or its own FSDP.
 
     genft shards with FSDP2 itself (`fsdp: true`, genft.sharding) on a plain multi-process launch, since
-    accelerate's FSDP mode exists only on accelerator devices; DeepSpeed and Megatron are not driven.
+    accelerate's FSDP mode exists only on accelerator devices; Megatron is not driven.
     """
     kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
     if kind == "FSDP":
         raise ConfigError("accelerate's distributed_type=FSDP is not how genft shards: launch with the multi-process config "
                           "scripts/recipes/accelerate/fsdp.yaml and set fsdp: true in the genft recipe (genft applies FSDP2 itself)")
-    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+    if kind == "MEGATRON_LM":
         raise ConfigError(f"accelerate distributed_type={kind} is not supported by genft's training loop; use DDP "
-                          "(scripts/recipes/accelerate/ddp.yaml) or FSDP (fsdp: true with scripts/recipes/accelerate/fsdp.yaml)")
+                          "(scripts/recipes/accelerate/ddp.yaml), DeepSpeed ZeRO (deepspeed_zero2.yaml) or FSDP "
+                          "(fsdp: true with scripts/recipes/accelerate/fsdp.yaml)")
 
 
 def check_divisible(name: str, value: int, num_processes: int) -> None:

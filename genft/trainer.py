@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -20,7 +22,8 @@ from reward_models import RewardError, RewardModel, WeightedSum
 from reward_models.combine import AsyncScorer, score_with_components
 
 from ._atomic import atomic_write_text
-from .checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, read_trainer_state, restore_rng_state,
+                         save_checkpoint)
 from .distributed import (SilentLog, any_process, check_data_parallel, check_divisible, gather_tensor, gather_trajectory,
                           mean_over_processes, shard_minibatch, shard_span)
 from .evaluation import evaluate_pipeline
@@ -28,6 +31,7 @@ from .ema import ema_weights, make_ema
 from .lora import apply_lora, has_lora, save_lora
 from .reference import make_reference
 from .sharding import full, full_model_state, full_optimizer_state, local, shard_network
+from . import zero
 from .precision import LossScaler, autocast_forward, storage_dtype
 from .text_cache import TextEmbeddingCache
 from .methods import get_method
@@ -103,9 +107,15 @@ class Trainer:
         if accelerator is None:
             from accelerate import Accelerator
 
-            accelerator = Accelerator(cpu=self.device.type == "cpu")
+            accelerator = zero.make_accelerator(self.device) if zero.requested() else Accelerator(cpu=self.device.type == "cpu")
         self.accelerator = accelerator
         check_data_parallel(accelerator)
+        self.deepspeed = zero.is_deepspeed(accelerator)
+        if self.deepspeed:
+            zero.check_config(accelerator)
+            if config.fsdp:
+                raise ConfigError("fsdp=true and a DeepSpeed accelerate config both shard: pick one (fsdp=false, or the "
+                                  "plain multi-process config scripts/recipes/accelerate/fsdp.yaml)")
         if config.fsdp and accelerator.num_processes < 2:
             raise ConfigError("fsdp=true shards the generator over processes but this run has one; launch several "
                               "(torchrun --nproc_per_node N -m genft.cli train ..., or accelerate launch with "
@@ -158,6 +168,8 @@ class Trainer:
         if config.fsdp:  # FSDP averages gradients itself (reduce-scatter): no DDP wrapper
             self.model, self.optimizer = self.pipeline.unet, self.accelerator.prepare(self.optimizer)
         else:
+            if self.deepspeed:  # the engine accumulates and clips by genft's settings (genft.zero)
+                zero.configure(self.accelerator, self.method.gradient_accumulation_steps, config.max_grad_norm)
             self.model, self.optimizer = self.accelerator.prepare(self.pipeline.unet, self.optimizer)
         self.out_dir = Path(config.output_dir)
         # One tracker run per job, not per process (wandb would otherwise open one run per GPU).
@@ -292,14 +304,25 @@ class Trainer:
             boundary = (i + 1) % accum == 0
             with self._training_model(sync=boundary):
                 loss, metrics = self.method.loss(batch, round_index)
-                if torch.isfinite(loss) or (multi and loss.requires_grad):
+                if self.deepspeed:
+                    self._deepspeed_backward(loss, boundary, round_index)
+                elif torch.isfinite(loss) or (multi and loss.requires_grad):
                     # Several processes: each must join DDP's all-reduce; a window non-finite anywhere is skipped everywhere.
                     acc.backward(self.scaler.scale(loss / accum))
             window_ok = window_ok and bool(torch.isfinite(loss))
             for k, v in {"loss": loss.item(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-            if boundary:
+            if boundary and self.deepspeed:
+                self.model.step()  # DeepSpeed clips (max_grad_norm), steps AdamW on its partition and zeroes the gradients
+                norm = self.model.get_global_grad_norm()
+                if self.config.max_grad_norm > 0 and norm is not None:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * accum
+                if self.ema is not None:
+                    self.ema.step(self.trainable)
+                steps += 1
+                self.optimizer_steps += 1
+            elif boundary:
                 self.scaler.unscale(self.optimizer)  # fp16: true gradients before the checks and the clip
                 grads_ok = all(torch.isfinite(local(p.grad)).all() for p in unet.parameters() if p.grad is not None)
                 if multi:
@@ -335,6 +358,18 @@ class Trainer:
         out.update(optimizer_steps=steps, skipped_updates=skipped)
         return out
 
+    def _deepspeed_backward(self, loss: torch.Tensor, boundary: bool, round_index: int) -> None:
+        """Backward through the DeepSpeed engine, which divides by its accumulation steps and marks the window's end.
+
+        DeepSpeed has no skipped step in float32, so a non-finite loss on any process stops the run before its
+        backward, with the weights still finite.
+        """
+        if any_process(self.accelerator, not bool(torch.isfinite(loss))):
+            raise TrainingError(f"non-finite loss in round {round_index} under DeepSpeed, which cannot skip an update; "
+                                "lower learning_rate or reward_weight, and check the reward for NaNs")
+        self.model.set_gradient_accumulation_boundary(boundary)
+        self.model.backward(loss)
+
     @contextlib.contextmanager
     def _training_model(self, sync: bool = True):
         """Route the method's forward passes through the prepared model (DDP with several processes).
@@ -349,7 +384,7 @@ class Trainer:
         self.pipeline.unet = self.model
         try:
             with contextlib.ExitStack() as stack:
-                if not sync:
+                if not sync and not self.deepspeed:  # DeepSpeed marks the window itself (_deepspeed_backward)
                     stack.enter_context(self.accelerator.no_sync(self.model))
                 yield
         finally:
@@ -464,8 +499,24 @@ class Trainer:
             optimizer_state = full_optimizer_state(unet, getattr(self.optimizer, "optimizer", self.optimizer))
             state.update(optimizer_format="by_name", fsdp_units=self.fsdp_units,
                          local_parameter_bytes=sum(local(p).numel() * p.element_size() for p in unet.parameters()))
+        writers = {}
+        if self.deepspeed:  # every process writes its optimiser partition; the main one moves them into the checkpoint
+            staging = path.parent / f".{path.name}.zero-staging"
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            acc.wait_for_everyone()
+            zero.write_optimizer_partition(self.model, staging, acc.process_index)
+            acc.wait_for_everyone()
+            state["optimizer_format"] = "deepspeed_zero"
+            optimizer_state = {"format": "deepspeed_zero", "folder": zero.ZERO_DIR, "num_processes": acc.num_processes}
+
+            def move_partitions(folder: Path) -> None:
+                for f in sorted(staging.iterdir()):
+                    os.replace(f, folder / f.name)
+                staging.rmdir()
+
+            writers[zero.ZERO_DIR] = move_partitions
         if acc.is_main_process:
-            writers = {}
             if has_lora(unet):  # the adapters alone, in diffusers' format (EMA weights when on): load_lora_weights(path/"lora")
                 def write_lora(folder: Path) -> None:
                     with ema_weights(self.ema, self.trainable):
@@ -481,7 +532,15 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         acc = self.accelerator
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer) if self.config.fsdp else self.optimizer
-        loaded = load_checkpoint(path, acc.unwrap_model(self.pipeline.unet), optimizer, stateful=self._checkpoint_states())
+        written = read_trainer_state(path).get("optimizer_format")
+        if (written == "deepspeed_zero") != self.deepspeed:
+            raise ConfigError(f"checkpoint {str(path)!r} was written {'with' if written == 'deepspeed_zero' else 'without'} "
+                              f"DeepSpeed and this run is {'with' if self.deepspeed else 'without'} it; resume with the "
+                              "accelerate config it was written with")
+        loaded = load_checkpoint(path, acc.unwrap_model(self.pipeline.unet), None if self.deepspeed else optimizer,
+                                 stateful=self._checkpoint_states())
+        if self.deepspeed:  # after the weights: DeepSpeed refreshes its float32 partitions from them
+            zero.load_optimizer_partitions(self.model, path / zero.ZERO_DIR, acc.num_processes)
         state = loaded["trainer_state"]
         self.round = int(state["round"])
         self.optimizer_steps = int(state.get("optimizer_steps", 0))

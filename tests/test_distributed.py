@@ -53,11 +53,11 @@ def test_sharded_accelerate_modes_are_refused_and_ddp_is_accepted():
 
     from accelerate.utils import DistributedType
 
-    with pytest.raises(ConfigError, match="DEEPSPEED is not supported.*ddp.yaml.*fsdp: true"):
-        check_data_parallel(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    with pytest.raises(ConfigError, match="MEGATRON_LM is not supported.*ddp.yaml.*deepspeed_zero2.yaml.*fsdp: true"):
+        check_data_parallel(SimpleNamespace(distributed_type=DistributedType.MEGATRON_LM))
     with pytest.raises(ConfigError, match="FSDP is not how genft shards.*fsdp.yaml.*fsdp: true"):
         check_data_parallel(SimpleNamespace(distributed_type=DistributedType.FSDP))
-    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.DEEPSPEED):
         check_data_parallel(SimpleNamespace(distributed_type=kind))
 
 
