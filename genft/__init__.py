@@ -16,6 +16,8 @@ _reward_models.register("toy_oracle", "genft.toyworld:ToyOracleReward", overwrit
 _reward_models.register("toy_oracle_accuracy", "genft.toyworld:ToyOracleAccuracy", overwrite=True)
 # The learned, hackable proxy (a tiny open_clip CLIP trained on the toy world; trained on first use, ~70 s).
 _reward_models.register("toy_proxy_clip", "genft.toyworld.proxy:ToyProxyCLIPScore", overwrite=True)
+# A deliberately mis-specified bonus (paint in the stroke colour); added to the proxy it makes hacking visible.
+_reward_models.register("toy_ink", "genft.toyworld.ink:ToyInkReward", overwrite=True)
 
 __version__ = "0.1.0"
 __all__ = ["AdjointMatching", "AdjointMatchingConfig", "ConfigError", "DPOK", "DPOKConfig", "FAIL", "FAILConfig", "TrainConfig", "Trainer", "TrainingError", "get_method", "load_config", "train"]

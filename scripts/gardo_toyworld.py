@@ -1,6 +1,9 @@
 """Reward hacking on the toy world: GRPO (β=0), GRPO with a fixed KL, and GARDO, on one proxy reward and one budget.
 
     OMP_NUM_THREADS=1 python scripts/gardo_toyworld.py --out genft_runs/gardo_toyworld
+    # the hackable proxy, three seeds, GARDO's ablations (about 4 CPU-minutes per arm and seed):
+    OMP_NUM_THREADS=1 python scripts/gardo_toyworld.py --ink-weight 3 --aux clip --seeds 0 1 2 \
+        --arms baseline kl gardo gardo_fixed_reference gardo_code_sign
 
 Every arm optimises `toy_proxy_clip`, the toy world's learned CLIP proxy (`--proxy-steps N` swaps in a
 weaker proxy: the same recipe stopped after N contrastive steps). Held out and never used in training:
@@ -9,12 +12,21 @@ diversity measure (mean pairwise distance between a prompt's images in the oracl
 features, `genft.metrics.diversity_within_prompt`), both on fixed-seed samples of held-out prompts every
 `--eval-every` rounds.
 
-GARDO's auxiliary rewards are a second proxy CLIP trained with another seed (an independent estimate of
-the same objective, so rank disagreement is epistemic uncertainty) and `jpeg_compressibility` (a generic
-image prior: noisy, artefact-laden images compress badly). Its diversity features come from the proxy
-CLIP's image tower, never from the oracle. Writes summary.md, summary.csv, curves.csv and curves.png
-under --out. The arms can also be trained as parallel processes (one `--arms X` each, same --out) and
-tabulated with `--report-only`.
+`--ink-weight W` makes the proxy hackable: it optimises `toy_proxy_clip + W * toy_ink`, where `toy_ink`
+(the fraction of the image painted in the prompt's stroke colour) agrees with the truth on clean renders
+but is maximised by a blob that hides the digit, like the saturation bias of aesthetic predictors.
+
+GARDO's auxiliary rewards (`--aux`) are a second proxy CLIP trained with another seed (an independent
+estimate of the alignment objective, so rank disagreement is epistemic uncertainty) and
+`jpeg_compressibility` (a generic image prior: noisy, artefact-laden images compress badly; it agrees
+with the ink hack, since flat blobs compress well, so the hackable runs use the CLIP alone). Its
+diversity features come from the proxy CLIP's image tower, never from the oracle. Two ablations of GARDO:
+`gardo_fixed_reference` (the pretrained model stays the KL reference) and `gardo_code_sign` (the released
+code's uncertainty sign, which gates samples the proxy under-rates).
+
+Writes, under --out, seed<s>/<arm>/ (the runs), summary.md, summary.csv, curves.csv and curves.png. Arms and
+seeds can be trained as parallel processes (one `--arms X --seeds S` each, same --out) and tabulated with
+`--report-only`.
 """
 from __future__ import annotations
 
@@ -33,8 +45,12 @@ from genft.features import ToyOracleFeatures, load_images
 from genft.metrics import diversity_within_prompt
 from genft.toyworld.proxy import ProxyConfig, load_or_train_proxy
 
-ARMS = ("baseline", "kl", "gardo")
-LABELS = {"baseline": "GRPO, no KL (β=0)", "kl": "GRPO, fixed KL", "gardo": "GARDO (GRPO)"}
+ARMS = ("baseline", "kl", "gardo", "gardo_fixed_reference", "gardo_code_sign")
+LABELS = {"baseline": "GRPO, no KL (β=0)", "kl": "GRPO, fixed KL", "gardo": "GARDO (GRPO)",
+          "gardo_fixed_reference": "GARDO, no reference reset", "gardo_code_sign": "GARDO, code's uncertainty sign"}
+#: GARDO overrides of the ablation arms.
+ABLATIONS = {"gardo": {}, "gardo_fixed_reference": {"adaptive_reference": False},
+             "gardo_code_sign": {"uncertainty_sign": "reference_code"}}
 
 
 def proxy_folder(steps: int, seed: int) -> Path:
@@ -46,12 +62,13 @@ def proxy_folder(steps: int, seed: int) -> Path:
     return load_or_train_proxy(folder, progress=False, config=ProxyConfig(steps=steps, seed=seed))
 
 
-def arm_config(arm: str, args, proxy: Path, aux_proxy: Path, out: Path):
+def arm_config(arm: str, args, seed: int, proxy: Path, aux_proxy: Path, out: Path):
     """The training config of one arm; everything but the regulariser is shared."""
+    reward = {"toy_proxy_clip": 1.0, "toy_ink": args.ink_weight} if args.ink_weight else "toy_proxy_clip"
     common = dict(
-        model="toyworld", reward="toy_proxy_clip", reward_options={"toy_proxy_clip": {"path": str(proxy)}},
-        eval_rewards=["toy_oracle_accuracy"], prompts="toyworld:train", eval_prompts="toyworld:heldout",
-        output_dir=str(out / arm), seed=args.seed, num_inference_steps=args.steps, guidance_scale=1.0, eta=1.0,
+        model="toyworld", reward=reward, reward_options={"toy_proxy_clip": {"path": str(proxy)}},
+        eval_rewards=["toy_oracle_accuracy"] + ([] if args.ink_weight else ["toy_ink"]), prompts="toyworld:train", eval_prompts="toyworld:heldout",
+        output_dir=str(out / arm), seed=seed, num_inference_steps=args.steps, guidance_scale=1.0, eta=1.0,
         num_rounds=args.rounds, prompts_per_round=8, samples_per_prompt=4, train_batch_size=16, gradient_accumulation=1,
         learning_rate=args.lr, clip_range=args.clip_range, timestep_fraction=args.timestep_fraction, inner_epochs=args.inner_epochs,
         eval_every=args.eval_every, eval_max_prompts=args.eval_prompts, eval_images_per_prompt=args.images_per_prompt, progress=False,
@@ -61,15 +78,16 @@ def arm_config(arm: str, args, proxy: Path, aux_proxy: Path, out: Path):
     if arm == "kl":
         return genft.load_config(method="grpo", kl_weight=args.kl_weight, **common)
     aux = "genft.toyworld.proxy:ToyProxyCLIPScore"
+    aux_rewards = [{"clip": aux, "jpeg": "jpeg_compressibility"}[name] for name in args.aux]
     gardo = dict(
-        method="gardo_grpo", kl_weight=args.kl_weight, aux_rewards=[aux, "jpeg_compressibility"],
+        method="gardo_grpo", kl_weight=args.kl_weight, aux_rewards=aux_rewards,
         aux_reward_options={aux: {"path": str(aux_proxy)}}, reference_kl_threshold=args.reference_kl_threshold,
         reference_reset_every=args.reset_every, diversity_features="toy_proxy_clip", diversity_std=True)
-    return genft.load_config(**{**common, **gardo, **parse_overrides(args.gardo_set)})
+    return genft.load_config(**{**common, **gardo, **ABLATIONS[arm], **parse_overrides(args.gardo_set)})
 
 
-def eval_points(run_dir: Path, features) -> List[Dict]:
-    """Proxy, oracle accuracy and diversity of every saved evaluation of a run, in round order."""
+def eval_points(run_dir: Path, features, ink_weight: float = 0.0) -> List[Dict]:
+    """Proxy (the optimised sum), ink, oracle accuracy and diversity of every saved evaluation of a run, in round order."""
     rows = []
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -79,7 +97,8 @@ def eval_points(run_dir: Path, features) -> List[Dict]:
         samples = json.loads((folder / "samples.json").read_text())["samples"]
         images = load_images([folder / s["file"] for s in samples], (16, 16))
         div = diversity_within_prompt(features(images), [s["prompt"] for s in samples])["mean"]
-        rows.append({"round": rec["round"], "proxy": rec["eval/toy_proxy_clip"],
+        rows.append({"round": rec["round"], "proxy": rec["eval/toy_proxy_clip"] + ink_weight * rec["eval/toy_ink"],
+                     "clip": rec["eval/toy_proxy_clip"], "ink": rec["eval/toy_ink"],
                      "oracle_accuracy": rec["eval/toy_oracle_accuracy"], "diversity": div})
     return rows
 
@@ -104,15 +123,15 @@ def plot(curves: Dict[str, List[Dict]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    fig, axes = plt.subplots(1, 6, figsize=(26, 4))
     for arm, pts in curves.items():
         r = [p["round"] for p in pts]
-        for ax, key in zip(axes[:3], ("proxy", "oracle_accuracy", "diversity")):
+        for ax, key in zip(axes[:4], ("proxy", "ink", "oracle_accuracy", "diversity")):
             ax.plot(r, [p[key] for p in pts], marker="o", label=LABELS[arm])
-        for ax, key in zip(axes[3:], ("oracle_accuracy", "diversity")):
+        for ax, key in zip(axes[4:], ("oracle_accuracy", "diversity")):
             ax.plot([p["proxy"] for p in pts], [p[key] for p in pts], marker="o", label=LABELS[arm])
-    titles = ("proxy reward (optimised)", "oracle accuracy (held out)", "diversity (held out)", "oracle accuracy vs proxy",
-              "diversity vs proxy")
+    titles = ("proxy reward (optimised)", "ink in the stroke colour", "oracle accuracy (held out)", "diversity (held out)",
+              "oracle accuracy vs proxy", "diversity vs proxy")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("proxy reward" if "vs" in title else "round")
@@ -124,10 +143,67 @@ def plot(curves: Dict[str, List[Dict]], path: Path) -> bool:
     return True
 
 
+def mean_curve(runs: List[List[Dict]]) -> List[Dict]:
+    """The seeds' eval curves averaged point by point (every run evaluates at the same rounds)."""
+    keys = ("round", "proxy", "ink", "oracle_accuracy", "diversity")
+    return [{k: sum(pts[i][k] for pts in runs) / len(runs) for k in keys} for i in range(min(len(p) for p in runs))]
+
+
+def summarise(arm: str, seed: int, pts: List[Dict], level: float, seconds: float) -> Dict:
+    """One run's row: start, end and matched-proxy values, and how much accuracy it lost per unit of proxy gained."""
+    first, last, matched = pts[0], pts[-1], at_proxy_level(pts, level)
+    gain = last["proxy"] - first["proxy"]
+    return {"arm": arm, "seed": seed, "seconds": round(seconds),
+            "proxy_before": first["proxy"], "proxy_final": last["proxy"], "proxy_max": max(p["proxy"] for p in pts),
+            "ink_before": first["ink"], "ink_final": last["ink"],
+            "oracle_acc_before": first["oracle_accuracy"], "oracle_acc_final": last["oracle_accuracy"],
+            "diversity_before": first["diversity"], "diversity_final": last["diversity"],
+            "acc_lost_per_proxy": (first["oracle_accuracy"] - last["oracle_accuracy"]) / gain if gain > 0 else float("nan"),
+            "matched_proxy": level, "matched_round": matched["round"], "oracle_acc_at_matched": matched["oracle_accuracy"],
+            "diversity_at_matched": matched["diversity"]}
+
+
+def _mean_sd(values: List[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def report(rows: List[Dict], args, seconds_total: float) -> List[str]:
+    """Markdown: the mean over seeds per arm, then every run."""
+    proxy_name = f"toy_proxy_clip + {args.ink_weight:g} toy_ink" if args.ink_weight else "toy_proxy_clip"
+    lines = [f"# Reward hacking on the toy world ({args.rounds} rounds × 32 samples, lr {args.lr}, β {args.kl_weight}, "
+             f"proxy {proxy_name}, CLIP {args.proxy_steps or 700} steps, seeds {args.seeds})", "",
+             "Mean ± sd over seeds (final = the last evaluation; held-out prompts, fixed seeds). 'acc lost per proxy' is "
+             "(oracle accuracy before − final) / (proxy final − before): the hacking rate.", "",
+             "| method | proxy final | ink final | oracle acc final | diversity final | acc lost per proxy | "
+             "oracle acc at matched proxy | diversity at matched proxy |", "|---|---|---|---|---|---|---|---|"]
+    for arm in args.arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        cols = ("proxy_final", "ink_final", "oracle_acc_final", "diversity_final", "acc_lost_per_proxy",
+                "oracle_acc_at_matched", "diversity_at_matched")
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(_mean_sd([r[c] for r in mine]) for c in cols) + " |")
+    lines += ["", "Every run (matched proxy: the highest eval proxy every arm of that seed reaches; values where a run first reaches it):", "",
+              "| method | seed | proxy before → final (max) | ink before → final | oracle acc before → final | diversity before → final | "
+              "matched proxy | round at matched | oracle acc at matched | diversity at matched | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {LABELS[r['arm']]} | {r['seed']} | {r['proxy_before']:.3f} → {r['proxy_final']:.3f} ({r['proxy_max']:.3f}) | "
+                     f"{r['ink_before']:.3f} → {r['ink_final']:.3f} | {r['oracle_acc_before']:.3f} → {r['oracle_acc_final']:.3f} | "
+                     f"{r['diversity_before']:.3f} → {r['diversity_final']:.3f} | {r['matched_proxy']:.3f} | {r['matched_round']:.1f} | "
+                     f"{r['oracle_acc_at_matched']:.3f} | {r['diversity_at_matched']:.3f} | {r['seconds']} |")
+    lines += ["", f"Training time {seconds_total:.0f} s over all runs. Settings: {json.dumps(vars(args))}"]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="genft_runs/gardo_toyworld")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=["baseline", "kl", "gardo"], choices=ARMS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=10, help="Sampler steps per rollout.")
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -139,65 +215,59 @@ def main() -> None:
                     help="GARDO resets its reference after a step whose KL passed this (code: 3e-4, set per task; the toy world drifts ~1e-3 per round).")
     ap.add_argument("--reset-every", type=int, default=15)
     ap.add_argument("--proxy-steps", type=int, default=0, help="Contrastive steps of the optimised proxy (0: the default 700-step proxy).")
+    ap.add_argument("--ink-weight", type=float, default=0.0, help="Optimise toy_proxy_clip + W * toy_ink (a hackable proxy); 0: the CLIP alone.")
+    ap.add_argument("--aux", nargs="+", default=["clip", "jpeg"], choices=["clip", "jpeg"],
+                    help="GARDO's auxiliary rewards: the seed-1 proxy CLIP and/or jpeg_compressibility.")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--images-per-prompt", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gardo-set", nargs="*", default=[], help="key=value overrides of the GARDO arm, for ablations "
-                    "(e.g. uncertainty_sign=reference_code diversity_advantage=false).")
+    ap.add_argument("--gardo-set", nargs="*", default=[], help="key=value overrides of every GARDO arm "
+                    "(e.g. diversity_advantage=false).")
     ap.add_argument("--report-only", action="store_true", help="Skip training; tabulate the runs already under --out "
-                    "(e.g. after training the arms as parallel processes, one --arms each).")
+                    "(e.g. after training arms and seeds as parallel processes).")
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     proxy = proxy_folder(args.proxy_steps, 0)
-    aux_proxy = proxy_folder(args.proxy_steps, 1) if "gardo" in args.arms and not args.report_only else None
+    needs_aux = any(a.startswith("gardo") for a in args.arms) and not args.report_only
+    aux_proxy = proxy_folder(args.proxy_steps, 1) if needs_aux else None
     features = ToyOracleFeatures()
-    curves, seconds = {}, {}
-    for arm in args.arms:
-        if not args.report_only:
-            t = time.time()
-            genft.Trainer(arm_config(arm, args, proxy, aux_proxy, out)).train()
-            (out / arm / "seconds.json").write_text(json.dumps({"seconds": time.time() - t}))
-        seconds[arm] = json.loads((out / arm / "seconds.json").read_text())["seconds"]
-        curves[arm] = eval_points(out / arm, features)
-        print(f"{arm}: {seconds[arm]:.0f} s; " + ", ".join(f"r{p['round']} proxy {p['proxy']:.3f} acc {p['oracle_accuracy']:.3f} "
-                                                          f"div {p['diversity']:.3f}" for p in curves[arm]), flush=True)
+    curves: Dict[str, List[List[Dict]]] = {arm: [] for arm in args.arms}
+    rows, total = [], 0.0
+    for seed in args.seeds:
+        runs, seconds = {}, {}
+        for arm in args.arms:
+            folder = out / f"seed{seed}"
+            if not args.report_only:
+                t = time.time()
+                genft.Trainer(arm_config(arm, args, seed, proxy, aux_proxy, folder)).train()
+                (folder / arm / "seconds.json").write_text(json.dumps({"seconds": time.time() - t}))
+            seconds[arm] = json.loads((folder / arm / "seconds.json").read_text())["seconds"]
+            runs[arm] = eval_points(folder / arm, features, args.ink_weight)
+            curves[arm].append(runs[arm])
+            print(f"seed {seed} {arm}: {seconds[arm]:.0f} s; " + ", ".join(
+                f"r{p['round']} proxy {p['proxy']:.3f} ink {p['ink']:.3f} acc {p['oracle_accuracy']:.3f} div {p['diversity']:.3f}"
+                for p in runs[arm]), flush=True)
+        level = min(max(p["proxy"] for p in pts) for pts in runs.values())
+        rows += [summarise(arm, seed, runs[arm], level, seconds[arm]) for arm in args.arms]
+        total += sum(seconds.values())
 
-    level = min(max(p["proxy"] for p in pts) for pts in curves.values())
     with open(out / "curves.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["arm", "round", "proxy", "oracle_accuracy", "diversity"])
+        w = csv.DictWriter(f, fieldnames=["arm", "seed", "round", "proxy", "clip", "ink", "oracle_accuracy", "diversity"])
         w.writeheader()
-        for arm, pts in curves.items():
-            for p in pts:
-                w.writerow({"arm": arm, **p})
-    rows = []
-    for arm, pts in curves.items():
-        first, last, matched = pts[0], pts[-1], at_proxy_level(pts, level)
-        rows.append({"arm": arm, "method": LABELS[arm], "seconds": round(seconds[arm]),
-                     "proxy_before": first["proxy"], "proxy_final": last["proxy"], "proxy_max": max(p["proxy"] for p in pts),
-                     "oracle_acc_before": first["oracle_accuracy"], "oracle_acc_final": last["oracle_accuracy"],
-                     "diversity_before": first["diversity"], "diversity_final": last["diversity"],
-                     "matched_proxy": level, "matched_round": matched["round"], "oracle_acc_at_matched": matched["oracle_accuracy"],
-                     "diversity_at_matched": matched["diversity"]})
+        for arm, per_seed in curves.items():
+            for seed, pts in zip(args.seeds, per_seed):
+                for p in pts:
+                    w.writerow({"arm": arm, "seed": seed, **p})
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"# Reward hacking on the toy world ({args.rounds} rounds × 32 samples, lr {args.lr}, proxy {args.proxy_steps} steps)", "",
-             f"Matched proxy level: {level:.3f} (the highest eval proxy every arm reaches).", "",
-             "| method | proxy before → final (max) | oracle acc before → final | diversity before → final | "
-             "round at matched proxy | oracle acc at matched | diversity at matched | s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['proxy_before']:.3f} → {r['proxy_final']:.3f} ({r['proxy_max']:.3f}) | "
-                     f"{r['oracle_acc_before']:.3f} → {r['oracle_acc_final']:.3f} | {r['diversity_before']:.3f} → {r['diversity_final']:.3f} | "
-                     f"{r['matched_round']:.1f} | {r['oracle_acc_at_matched']:.3f} | {r['diversity_at_matched']:.3f} | {r['seconds']} |")
-    plotted = plot(curves, out / "curves.png")
-    lines += ["", "curves.png: " + ("proxy, oracle accuracy and diversity over rounds" if plotted else "not drawn (matplotlib is not installed)"),
-              f"Training time {sum(seconds.values()):.0f} s over the arms (wall {time.time() - t0:.0f} s for this call). Settings: {json.dumps(vars(args))}"]
+    lines = report(rows, args, total)
+    plotted = plot({arm: mean_curve(runs) for arm, runs in curves.items()}, out / "curves.png")
+    lines.insert(2, "curves.png: " + ("the mean over seeds of proxy, ink, oracle accuracy and diversity over rounds, and "
+                                     "accuracy and diversity against proxy" if plotted else "not drawn (matplotlib is not installed)"))
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
