@@ -109,23 +109,21 @@ def _rounds(run: Path, key: str):
     return [r[key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "reward_mean" in r]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    _run([sys.executable, "-m", "genft.cli", "train", str(_config(tmp_path, "single"))],
-         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "genft.cli", "train", str(_config(tmp_path, "ddp"))], cwd=tmp_path)
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert json.loads((ddp / "checkpoints" / "final" / "trainer_state.json").read_text())["num_processes"] == 2
+def assert_matches_single_process(multi: Path, single: Path) -> None:
+    """A multi-process run (DDP, FSDP or DeepSpeed) followed the single-process run with the same config."""
+    assert json.loads((multi / "checkpoints" / "final" / "trainer_state.json").read_text())["num_processes"] == 2
     # One log line per round (main process only) and the same global rollouts in both runs.
-    assert len(_rounds(ddp, "reward_mean")) == 3
-    torch.testing.assert_close(torch.tensor(_rounds(ddp, "reward_mean")), torch.tensor(_rounds(single, "reward_mean")),
+    assert len(_rounds(multi, "reward_mean")) == 3
+    torch.testing.assert_close(torch.tensor(_rounds(multi, "reward_mean")), torch.tensor(_rounds(single, "reward_mean")),
                                rtol=0, atol=1e-5)
-    # The gradient itself (norm before clipping, after DDP's all-reduce) and the loss equal the single-process ones:
-    # this is what catches a summed instead of averaged gradient, which Adam's scale invariance would hide in the weights.
+    # The gradient itself (norm before clipping, after the processes' reduction) and the loss equal the single-process
+    # ones: this catches a summed instead of averaged gradient, which Adam's scale invariance would hide in the weights.
     for key in ("grad_norm", "loss", "kl"):
-        torch.testing.assert_close(torch.tensor(_rounds(ddp, key)), torch.tensor(_rounds(single, key)), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(_rounds(multi, key)), torch.tensor(_rounds(single, key)), rtol=1e-4, atol=1e-6)
 
     init = tiny_diffusion_pipeline().unet.state_dict()
-    w1, w2 = _weights(single), _weights(ddp)
+    w1, w2 = _weights(single), _weights(multi)
+    assert set(w1) == set(w2)
     moved = max((w1[k] - init[k]).abs().max().item() for k in w1)
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert moved > 1e-4, "training did not change the weights"
@@ -134,4 +132,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # bit; Adam divides by sqrt(v), which blows up the relative round-off of near-zero gradients. Measured: weights
     # moved 5.7e-4, the runs differ by 4.6e-7 (8e-4 of it). 1e-2 of the distance travelled leaves 12x headroom and
     # is far below a real error: with both processes training on the same half of each minibatch the runs differ by 9.8e-4.
-    assert diff <= 1e-2 * moved, f"max |w_ddp - w_single| = {diff:.3g}, weights moved {moved:.3g}"
+    assert diff <= 1e-2 * moved, f"max |w_multi - w_single| = {diff:.3g}, weights moved {moved:.3g}"
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    _run([sys.executable, "-m", "genft.cli", "train", str(_config(tmp_path, "single"))],
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "genft.cli", "train", str(_config(tmp_path, "ddp"))], cwd=tmp_path)
+    assert_matches_single_process(tmp_path / "ddp", tmp_path / "single")

@@ -11,7 +11,7 @@ import yaml
 import genft
 from _tiny import tiny_diffusion_pipeline
 from genft.config import ConfigError
-from test_distributed import _config, _rounds, _run, _weights
+from test_distributed import _config, _run, _weights, assert_matches_single_process
 
 
 def _variant(tmp_path: Path, name: str, **changes) -> Path:
@@ -31,23 +31,14 @@ def _torchrun(config: Path):
 def test_two_sharded_processes_match_one_process_and_resume_bit_identically(tmp_path):
     _run([sys.executable, "-m", "genft.cli", "train", str(_variant(tmp_path, "single"))],
          _torchrun(_variant(tmp_path, "fsdp", fsdp=True, checkpoint_every=1)), cwd=tmp_path)
-    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    fsdp = tmp_path / "fsdp"
     state = json.loads((fsdp / "checkpoints" / "final" / "trainer_state.json").read_text())
-    assert state["num_processes"] == 2 and state["optimizer_format"] == "by_name" and state["fsdp_units"] > 0
+    assert state["optimizer_format"] == "by_name" and state["fsdp_units"] > 0
     total = sum(v.numel() * v.element_size() for v in tiny_diffusion_pipeline().unet.state_dict().values())
     assert state["local_parameter_bytes"] <= 0.6 * total  # each process holds about half of the weights
-    torch.testing.assert_close(torch.tensor(_rounds(fsdp, "reward_mean")), torch.tensor(_rounds(single, "reward_mean")),
-                               rtol=0, atol=1e-5)
-    # The gradient norm is computed over the shards (a DTensor reduction) and must be the whole gradient's.
-    for key in ("grad_norm", "loss", "kl"):
-        torch.testing.assert_close(torch.tensor(_rounds(fsdp, key)), torch.tensor(_rounds(single, key)), rtol=1e-4, atol=1e-6)
-    init = tiny_diffusion_pipeline().unet.state_dict()
-    w1, w2 = _weights(single), _weights(fsdp)
-    assert set(w1) == set(w2)
-    moved = max((w1[k] - init[k]).abs().max().item() for k in w1)
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert moved > 1e-4
-    assert diff <= 1e-2 * moved, f"max |w_fsdp - w_single| = {diff:.3g}, weights moved {moved:.3g}"  # same bound as DDP's
+    # Same checks and bound as DDP's; the gradient norm here is a reduction over the shards (DTensor).
+    assert_matches_single_process(fsdp, tmp_path / "single")
+    w2 = _weights(fsdp)
     # The gathered checkpoint is an ordinary diffusers folder.
     from diffusers import UNet2DConditionModel
 
