@@ -8,6 +8,16 @@ import time
 import pytest
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A barely trained toy world (2 contrastive steps, 1 UNet step): for derived bases whose plumbing needs its parts."""
+    from genft.toyworld.pretrain import PretrainConfig, pretrain
+
+    path = tmp_path_factory.mktemp("home") / "toyworld-v2"
+    return pretrain(path, PretrainConfig(contrastive_steps=2, contrastive_batch_size=8, unet_steps=1, eval_images_per_prompt=0),
+                    progress=False)
+
+
 @pytest.fixture(scope="session")
 def pretrained_toy_world(tmp_path_factory):
     """The real toy world, pretrained once per session into a private GENFT_HOME that the slow tests share.

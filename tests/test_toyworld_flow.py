@@ -5,16 +5,7 @@ import pytest
 import torch
 
 import genft.toyworld.flow_pretrain as fp
-from genft.toyworld.pretrain import PretrainConfig, pretrain
 from pipelines import FlowMatchPipeline, detect_family
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A barely trained toy world (the flow base only needs its tokenizer and text encoder)."""
-    path = tmp_path_factory.mktemp("home") / "toyworld-v2"
-    return pretrain(path, PretrainConfig(contrastive_steps=2, contrastive_batch_size=8, unet_steps=1, eval_images_per_prompt=0),
-                    progress=False)
 
 
 def test_flow_base_is_trained_saved_and_reused(world, monkeypatch):

@@ -6,16 +6,8 @@ import torch
 
 import genft.toyworld.lcm_distill as ld
 from genft.models import check_method_fits_model
-from genft.toyworld.pretrain import PretrainConfig, evaluate_heldout, pretrain
+from genft.toyworld.pretrain import evaluate_heldout
 from pipelines import ConsistencyPipeline, detect_family
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A barely trained toy world (the recipe's plumbing only needs its parts)."""
-    path = tmp_path_factory.mktemp("home") / "toyworld-v2"
-    return pretrain(path, PretrainConfig(contrastive_steps=2, contrastive_batch_size=8, unet_steps=1, eval_images_per_prompt=0),
-                    progress=False)
 
 
 def test_lcm_is_distilled_saved_and_reused(world, monkeypatch):
