@@ -9,9 +9,7 @@ prompts the same way.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +17,9 @@ from typing import Literal
 
 import torch
 
-from .data import PALETTE, heldout_prompts, render, train_combos
+from . import derived
+from .data import render, train_combos
+from .derived import DerivedKind
 from .models import build_unet
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,10 @@ FLOW_REQUIRED_FILES = (
     "tokenizer/tokenizer_config.json",
     "scheduler/scheduler_config.json",
 )
+FLOW = DerivedKind("flow", FLOW_META_FILE, "flow_format_version", FLOW_FORMAT_VERSION, FLOW_REQUIRED_FILES,
+                   "about 3-4 minutes on 2 CPU cores")
+MIRROR = DerivedKind("mirror", FLOW_META_FILE, "flow_format_version", FLOW_FORMAT_VERSION, FLOW_REQUIRED_FILES,
+                     "about 3-4 minutes on 2 CPU cores")
 
 
 @dataclass
@@ -170,7 +174,6 @@ def pretrain_flow(out_dir: str | Path, world_dir: str | Path, config: FlowPretra
 
     from pipelines import FlowMatchPipeline, MirrorFlowMatchPipeline
 
-    from .._atomic import atomic_dir
     from .cache import validate_world
     from .pretrain import _embedding_table, _train_captions, _versions, evaluate_heldout
 
@@ -197,77 +200,30 @@ def pretrain_flow(out_dir: str | Path, world_dir: str | Path, config: FlowPretra
         heldout = evaluate_heldout(pipe, config.eval_images_per_prompt, config.eval_inference_steps,
                                    config.eval_guidance_scale, eta=0.0, seed=config.seed)
         heldout["sampler"] = "euler ode"
-    with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp)
-        shutil.rmtree(tmp / "tokenizer")  # the world's own files, byte for byte
-        shutil.copytree(world_dir / "tokenizer", tmp / "tokenizer")
-        meta = {"flow_format_version": FLOW_FORMAT_VERSION, "world": str(world_dir),
-                "world_format_version": world_meta["format_version"], "palette": PALETTE,
-                "heldout_prompts": heldout_prompts(), "config": asdict(config),
-                "stats": {**stats, "train_seconds": round(train_seconds, 2),
-                          "total_seconds": round(time.perf_counter() - t_start, 2), "heldout": heldout},
-                "versions": _versions()}
-        (tmp / FLOW_META_FILE).write_text(json.dumps(meta, indent=2))
-    return Path(out_dir)
+    return derived.save(FLOW, pipe, out_dir, world_dir, world_meta, asdict(config), stats, t_start, train_seconds, heldout,
+                        _versions())
 
 
 def default_flow_cache_dir(world_dir: str | Path | None = None) -> Path:
     """`<world folder>-flow`, beside the diffusion world (default: `default_cache_dir()`)."""
-    from .cache import default_cache_dir
-
-    world = Path(world_dir) if world_dir is not None else default_cache_dir()
-    return world.with_name(world.name + "-flow")
+    return derived.default_dir(FLOW, world_dir)
 
 
 def validate_flow_world(path: str | Path) -> dict:
     """The folder's genft_toyworld_flow.json if it is a complete, current flow base; else a ValueError saying what is wrong."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path} does not exist or is not a folder")
-    missing = [f for f in (FLOW_META_FILE,) + FLOW_REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"{path} is incomplete: missing {', '.join(missing)}")
-    try:
-        meta = json.loads((path / FLOW_META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable metadata ({e})") from e
-    if not isinstance(meta, dict) or meta.get("flow_format_version") != FLOW_FORMAT_VERSION:
-        raise ValueError(f"{path}: flow_format_version {meta.get('flow_format_version') if isinstance(meta, dict) else None!r}, "
-                         f"this genft expects {FLOW_FORMAT_VERSION}")
-    if meta.get("heldout_prompts") != heldout_prompts() or meta.get("palette") != {k: list(v) for k, v in PALETTE.items()}:
-        raise ValueError(f"{path} was built for a different world definition (palette or held-out prompts differ)")
-    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
-        try:
-            load_file(str(path / f))
-        except Exception as e:  # safetensors raises several types for truncated files
-            raise ValueError(f"{path / f} is corrupt ({type(e).__name__}: {e})") from e
-    return meta
+    return derived.validate(FLOW, path)
 
 
 def load_or_pretrain_flow(cache_dir: str | Path | None = None, world_dir: str | Path | None = None, progress: bool = True,
                           config: FlowPretrainConfig | None = None) -> Path:
     """The flow base folder (default `<world>-flow`), trained first when absent or broken (the world too, if needed)."""
-    from .cache import load_or_pretrain
-
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_flow_cache_dir(world_dir)
-    try:
-        validate_flow_world(path)
-        return path
-    except ValueError as e:
-        logger.warning("no usable toy flow base at %s (%s); training it (about 3-4 minutes on 2 CPU cores)", path, e)
-    world = load_or_pretrain(world_dir, progress=progress)
-    return pretrain_flow(path, world, config=config, progress=progress)
-
+    return derived.load_or_build(FLOW, cache_dir, world_dir, progress,
+                                 lambda path, world: pretrain_flow(path, world, config=config, progress=progress))
 
 
 def default_mirror_cache_dir(world_dir: str | Path | None = None) -> Path:
     """`<world folder>-mirror`, beside the diffusion world (default: `default_cache_dir()`)."""
-    from .cache import default_cache_dir
-
-    world = Path(world_dir) if world_dir is not None else default_cache_dir()
-    return world.with_name(world.name + "-mirror")
+    return derived.default_dir(MIRROR, world_dir)
 
 
 def validate_mirror_world(path: str | Path) -> dict:
@@ -282,16 +238,11 @@ def load_or_pretrain_mirror(cache_dir: str | Path | None = None, world_dir: str 
                             config: FlowPretrainConfig | None = None) -> Path:
     """The toy mirror-flow base (default `<world>-mirror`): the flow recipe trained in the dual space of the
     regularised box mirror map, so its samples never leave [0, 1]; trained first when absent or broken."""
-    from .cache import load_or_pretrain
-
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_mirror_cache_dir(world_dir)
-    try:
-        validate_mirror_world(path)
-        return path
-    except ValueError as e:
-        logger.warning("no usable toy mirror-flow base at %s (%s); training it (about 3-4 minutes on 2 CPU cores)", path, e)
     config = config or FlowPretrainConfig(mirror="box_regularized")
-    if config.mirror == "none":
-        raise ValueError("load_or_pretrain_mirror needs a config with mirror set, e.g. FlowPretrainConfig(mirror='box_regularized')")
-    world = load_or_pretrain(world_dir, progress=progress)
-    return pretrain_flow(path, world, config=config, progress=progress)
+
+    def build(path: Path, world: Path) -> Path:
+        if config.mirror == "none":
+            raise ValueError("load_or_pretrain_mirror needs a config with mirror set, e.g. FlowPretrainConfig(mirror='box_regularized')")
+        return pretrain_flow(path, world, config=config, progress=progress)
+
+    return derived.load_or_build(MIRROR, cache_dir, world_dir, progress, build, check=validate_mirror_world)

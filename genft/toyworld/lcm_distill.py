@@ -11,9 +11,7 @@ layout, `LCMScheduler`) plus genft_toyworld_lcm.json with the recipe and held-ou
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +19,9 @@ from typing import Literal
 
 import torch
 
-from .data import PALETTE, heldout_prompts, render, train_combos
+from . import derived
+from .data import render, train_combos
+from .derived import DerivedKind
 
 logger = logging.getLogger(__name__)
 LCM_FORMAT_VERSION = 1
@@ -35,6 +35,8 @@ LCM_REQUIRED_FILES = (
     "tokenizer/tokenizer_config.json",
     "scheduler/scheduler_config.json",
 )
+LCM = DerivedKind("lcm", LCM_META_FILE, "lcm_format_version", LCM_FORMAT_VERSION, LCM_REQUIRED_FILES,
+                  "distilled from the toy world, a few CPU minutes")
 
 
 @dataclass
@@ -196,7 +198,6 @@ def distill_lcm(out_dir: str | Path, world_dir: str | Path, config: LCMDistillCo
 
     from pipelines import ConsistencyPipeline
 
-    from .._atomic import atomic_dir
     from .cache import validate_world
     from .pretrain import _embedding_table, _train_captions, _versions
 
@@ -215,65 +216,22 @@ def distill_lcm(out_dir: str | Path, world_dir: str | Path, config: LCMDistillCo
                                scheduler=build_lcm_scheduler(config.original_inference_steps))
     train_seconds = time.perf_counter() - t_start
     heldout = evaluate_lcm(pipe, config) if config.eval_images_per_prompt else []
-    with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp)
-        shutil.rmtree(tmp / "tokenizer")  # the world's own files, byte for byte
-        shutil.copytree(world_dir / "tokenizer", tmp / "tokenizer")
-        meta = {"lcm_format_version": LCM_FORMAT_VERSION, "world": str(world_dir),
-                "world_format_version": world_meta["format_version"], "palette": PALETTE,
-                "heldout_prompts": heldout_prompts(), "config": asdict(config),
-                "stats": {**stats, "train_seconds": round(train_seconds, 2),
-                          "total_seconds": round(time.perf_counter() - t_start, 2), "heldout": heldout},
-                "versions": _versions()}
-        (tmp / LCM_META_FILE).write_text(json.dumps(meta, indent=2))
-    return Path(out_dir)
+    return derived.save(LCM, pipe, out_dir, world_dir, world_meta, asdict(config), stats, t_start, train_seconds, heldout,
+                        _versions())
 
 
 def default_lcm_cache_dir(world_dir: str | Path | None = None) -> Path:
     """`<world folder>-lcm`, beside the diffusion world (default: `default_cache_dir()`)."""
-    from .cache import default_cache_dir
-
-    world = Path(world_dir) if world_dir is not None else default_cache_dir()
-    return world.with_name(world.name + "-lcm")
+    return derived.default_dir(LCM, world_dir)
 
 
 def validate_lcm_world(path: str | Path) -> dict:
     """The folder's genft_toyworld_lcm.json if it is a complete, current toy LCM; else a ValueError saying what is wrong."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path} does not exist or is not a folder")
-    missing = [f for f in (LCM_META_FILE,) + LCM_REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"{path} is incomplete: missing {', '.join(missing)}")
-    try:
-        meta = json.loads((path / LCM_META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable metadata ({e})") from e
-    if not isinstance(meta, dict) or meta.get("lcm_format_version") != LCM_FORMAT_VERSION:
-        raise ValueError(f"{path}: lcm_format_version {meta.get('lcm_format_version') if isinstance(meta, dict) else None!r}, "
-                         f"this genft expects {LCM_FORMAT_VERSION}")
-    if meta.get("heldout_prompts") != heldout_prompts() or meta.get("palette") != {k: list(v) for k, v in PALETTE.items()}:
-        raise ValueError(f"{path} was built for a different world definition (palette or held-out prompts differ)")
-    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
-        try:
-            load_file(str(path / f))
-        except Exception as e:  # safetensors raises several types for truncated files
-            raise ValueError(f"{path / f} is corrupt ({type(e).__name__}: {e})") from e
-    return meta
+    return derived.validate(LCM, path)
 
 
 def load_or_distill_lcm(cache_dir: str | Path | None = None, world_dir: str | Path | None = None, progress: bool = True,
                         config: LCMDistillConfig | None = None) -> Path:
     """The toy LCM folder (default `<world>-lcm`), distilled first when absent or broken (the world too, if needed)."""
-    from .cache import load_or_pretrain
-
-    path = Path(cache_dir).expanduser() if cache_dir is not None else default_lcm_cache_dir(world_dir)
-    try:
-        validate_lcm_world(path)
-        return path
-    except ValueError as e:
-        logger.warning("no usable toy LCM at %s (%s); distilling it from the toy world (a few CPU minutes)", path, e)
-    world = load_or_pretrain(world_dir, progress=progress)
-    return distill_lcm(path, world, config=config, progress=progress)
+    return derived.load_or_build(LCM, cache_dir, world_dir, progress,
+                                 lambda path, world: distill_lcm(path, world, config=config, progress=progress))
