@@ -10,11 +10,14 @@
 
 Sign convention of the uncertainty (see `rank_uncertainty`). The released code ranks each reward in
 descending order (rank 1 = best) and takes U = rank_main − mean(rank_aux), so U > 0 marks samples the
-proxy ranks *worse* than the auxiliaries do. The notes flag this as opposite to the hacking story the
-paper tells (proxy scores rise while quality falls, so the proxy over-rates the suspect samples); the
-paper's equation itself could not be retrieved here, only its abstract ("selectively penalize a subset
-of samples that exhibit high uncertainty"). Default "proxy_overrates" follows the hacking story (U > 0
-when the proxy ranks the sample above the auxiliaries); "reference_code" reproduces the code exactly.
+proxy ranks *worse* than the auxiliaries do (checked in scripts/train_sd3_grpo_gardo.py and
+train_sd3_nft_gardo.py of the released code). The paper's stated intent is the opposite: its project page's
+first takeaway is that regularisation "is required only for samples with spurious proxy reward", i.e.
+samples the proxy over-rates. The paper's equation could not be retrieved here. On a real hack in the toy
+world (digits thickened into blobs for the ink bonus, tests/test_gardo.py), "proxy_overrates" gates
+only hacked images and "reference_code" only clean ones. So the default "proxy_overrates" follows the
+paper's intent (U > 0 when the proxy ranks the sample above the auxiliaries), and "reference_code"
+reproduces the released code exactly.
 """
 from __future__ import annotations
 

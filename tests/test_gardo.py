@@ -50,6 +50,32 @@ def test_proxy_over_rating_is_what_gets_gated():
     assert uncertainty_gate(rank_uncertainty(proxy, aux, "reference_code"), 0.2).tolist() == [False, True, False, False, False]
 
 
+def test_on_a_real_hack_the_default_sign_gates_the_hacked_images():
+    """The sign check on the toy world: digits thickened into blobs (the ink hack) get a high proxy
+    (truth + 3·ink) but a low auxiliary (the truth), and only `proxy_overrates` gates them."""
+    import torch.nn.functional as F
+
+    import reward_models
+    from genft.toyworld.data import PALETTE, caption, render, train_combos
+    from genft.toyworld.ink import INK_SIGMA
+
+    combos = train_combos()[::4]
+    g = torch.Generator().manual_seed(0)
+    images, prompts = render(combos, g), [caption(*c) for c in combos]
+    fg = torch.tensor([PALETTE[c.fg] for c in combos])[:, :, None, None]
+    ink_mask = torch.exp(-((images - fg) ** 2).sum(1, keepdim=True) / (2 * INK_SIGMA**2))
+    hacked = torch.rand(len(combos), generator=g) < 0.3
+    for _ in range(4):
+        ink_mask = torch.where(hacked[:, None, None, None], F.max_pool2d(ink_mask, 3, 1, 1), ink_mask)
+    images = images * (1 - ink_mask) + fg * ink_mask
+    truth, ink = reward_models.load("toy_oracle"), reward_models.load("toy_ink")
+    proxy, aux = truth(images, prompts) + 3 * ink(images, prompts), truth(images, prompts)
+    gated = {sign: uncertainty_gate(rank_uncertainty(proxy, [aux], sign), 0.2) for sign in ("proxy_overrates", "reference_code")}
+    assert hacked.sum() >= 5 and gated["proxy_overrates"].sum() >= 3
+    assert hacked[gated["proxy_overrates"]].all()  # every gated image is a hacked one
+    assert not hacked[gated["reference_code"]].any()  # the released code's sign gates only clean ones
+
+
 def test_adaptive_fraction_follows_the_uncertainty_range():
     f = AdaptiveFraction(initial=0.1, low=0.02, high=0.2, rate=0.1, window=2)
     assert f.update(torch.tensor([1.0, -3.0])) == pytest.approx(0.1)      # first round: no history
