@@ -20,6 +20,7 @@ from ._ddim import _as_batch_timesteps
 from ._diffusion import _unwrap
 from ._gaussian import GaussianStep, Reduce, gaussian_log_prob
 from ._text import token_ids
+from ._policy import LatentPolicyPipeline, make_trajectory
 from ._trajectory import Trajectory
 
 GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
@@ -143,7 +144,7 @@ def lcm_step(
     return GaussianStep(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob, pred_original_sample=denoised)
 
 
-class ConsistencyPipeline:
+class ConsistencyPipeline(LatentPolicyPipeline):
     """UNet + text encoder + tokenizer + `LCMScheduler` (+ optional VAE): an LCM as a multistep Gaussian policy.
 
     Guidance: a UNet with `time_cond_proj_dim` (LCM / distilled models) reads the guidance scale as an
@@ -211,21 +212,6 @@ class ConsistencyPipeline:
         with open(os.path.join(path, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
 
-    def to(self, device: Union[str, torch.device]) -> "ConsistencyPipeline":
-        for m in (self.unet, self.text_encoder, self.vae):
-            if m is not None:
-                m.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def latent_dtype(self) -> torch.dtype:
-        """The dtype latents are stored in (the UNet's, unless `storage_dtype` overrides it)."""
-        return self.storage_dtype or next(self.unet.parameters()).dtype
-
     # ----- text and pixels ---------------------------------------------------------------------
     def check_prompts(self, prompts: Sequence[str], field_name: str = "prompt", allow_empty: bool = True) -> list:
         """Token ids padded to the encoder's length; raises for prompts it would truncate (and empty ones unless allowed)."""
@@ -236,18 +222,6 @@ class ConsistencyPipeline:
         """Text-encoder hidden states [B, L, D]; refuses prompts the tokenizer would truncate."""
         ids = torch.tensor(self.check_prompts(prompts), dtype=torch.long, device=self.text_encoder.device)
         return self.text_encoder(ids)[0].to(next(self.unet.parameters()).dtype)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels in [-1, 1] without a VAE) to float32 images in [0, 1]; differentiable."""
-        x = latents
-        if self.vae is not None:
-            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
-
-    def initial_latents(self, batch: int, generator: GeneratorLike = None) -> torch.Tensor:
-        """x_T ~ N(0, I) drawn in float32 from `generator` (one per sample for batch-independent noise)."""
-        x = randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
-        return (x * self.scheduler.init_noise_sigma).to(self.latent_dtype)
 
     @property
     def latent_shape(self) -> tuple:
@@ -351,44 +325,8 @@ class ConsistencyPipeline:
             all_latents.append(x)
             log_probs.append(step.log_prob)
             stds.append(step.std[0])
-        return Trajectory(
-            latents=torch.stack(all_latents, dim=1),
-            timesteps=timesteps,
-            log_probs=torch.stack(log_probs, dim=1),
-            stds=torch.stack(stds).float().cpu(),
-            prompts=prompts,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
-            images=self.decode(x),
-            guidance_scale=float(guidance_scale),
-            eta=float(eta),
-            num_inference_steps=num_inference_steps,
-            extras={"reduce": reduce},
-        )
-
-    def rescore(
-        self,
-        trajectory: Trajectory,
-        steps: Union[int, torch.Tensor],
-        unet: Optional[torch.nn.Module] = None,
-        detach_uncond: bool = False,
-    ) -> GaussianStep:
-        """Score the stored transitions latents[:, k] -> latents[:, k+1] under the current weights (or `unet`).
-
-        `steps` is one step index for the whole batch or a LongTensor [B] of per-sample indices.
-        """
-        batch = trajectory.batch_size
-        k = torch.as_tensor(steps, dtype=torch.long).cpu()
-        k = k.expand(batch) if k.ndim == 0 else k
-        if k.shape != (batch,) or (k < 0).any() or (k >= trajectory.num_steps).any():
-            raise ValueError(f"steps must index 0..{trajectory.num_steps - 1} for each of {batch} samples, got {k.tolist()}")
-        rows = torch.arange(batch)
-        lat = trajectory.latents
-        return self.score_transition(
-            lat[rows, k], lat[rows, k + 1], trajectory.timesteps[k], trajectory.prompt_embeds,
-            trajectory.negative_prompt_embeds, trajectory.guidance_scale, trajectory.eta, trajectory.num_inference_steps,
-            unet=unet, detach_uncond=detach_uncond, reduce=trajectory.extras.get("reduce", "mean"),
-        )
+        return make_trajectory(all_latents, log_probs, stds, timesteps, prompts, prompt_embeds, negative, self.decode(x),
+                               guidance_scale, eta, num_inference_steps, {"reduce": reduce})
 
     def score_transition(
         self,

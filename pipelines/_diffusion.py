@@ -6,17 +6,17 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 
 from ._ddim import ddim_step
 from ._gaussian import GaussianStep, Reduce
 from ._text import SDXL_TIME_IDS, encode_sdxl, sdxl_time_ids, sdxl_zero_negative, token_ids, unpack
+from ._policy import LatentPolicyPipeline, make_trajectory
 from ._trajectory import Trajectory
 
 GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(LatentPolicyPipeline):
     """UNet + text encoder(s) + tokenizer(s) + DDIM scheduler (+ optional VAE) as a Gaussian policy.
 
     The pipeline keeps no sampling state: every call derives its timesteps from a fresh copy of the
@@ -110,21 +110,6 @@ class DiffusionPipeline:
         self.scheduler.save_pretrained(os.path.join(path, "scheduler"))
         if self.vae is not None:
             self.vae.save_pretrained(os.path.join(path, "vae"))
-
-    def to(self, device: Union[str, torch.device]) -> "DiffusionPipeline":
-        for m in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
-            if m is not None:
-                m.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def latent_dtype(self) -> torch.dtype:
-        """The dtype latents are stored in (the UNet's, unless `storage_dtype` overrides it)."""
-        return self.storage_dtype or next(self.unet.parameters()).dtype
 
     # ----- text --------------------------------------------------------------------------------
     def text_inputs(self) -> list:
@@ -229,18 +214,6 @@ class DiffusionPipeline:
         sched.set_timesteps(num_inference_steps)
         return sched.timesteps.clone().cpu()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels in [-1, 1] without a VAE) to float32 images in [0, 1]."""
-        x = latents
-        if self.vae is not None:
-            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
-
-    def initial_latents(self, batch: int, generator: GeneratorLike = None) -> torch.Tensor:
-        """x_T ~ N(0, σ_init² I) drawn in float32 from `generator` (one per sample for batch-independent noise)."""
-        x = randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
-        return (x * self.scheduler.init_noise_sigma).to(self.latent_dtype)
-
     # ----- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(
@@ -272,46 +245,8 @@ class DiffusionPipeline:
             all_latents.append(x)
             log_probs.append(step.log_prob)
             stds.append(step.std[0])
-        return Trajectory(
-            latents=torch.stack(all_latents, dim=1),
-            timesteps=timesteps,
-            log_probs=torch.stack(log_probs, dim=1),
-            stds=torch.stack(stds).float().cpu(),
-            prompts=prompts,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
-            images=self.decode(x),
-            guidance_scale=float(guidance_scale),
-            eta=float(eta),
-            num_inference_steps=num_inference_steps,
-            extras={"reduce": reduce},
-        )
-
-    def rescore(
-        self,
-        trajectory: Trajectory,
-        steps: Union[int, torch.Tensor],
-        unet: Optional[torch.nn.Module] = None,
-        detach_uncond: bool = False,
-    ) -> GaussianStep:
-        """Score the stored transitions latents[:, k] -> latents[:, k+1] under the current weights.
-
-        `steps` is one step index for the whole batch or a LongTensor [B] of per-sample indices.
-        Gradients flow to the UNet unless called under `torch.no_grad()`.
-        """
-        batch = trajectory.batch_size
-        k = torch.as_tensor(steps, dtype=torch.long)
-        k = k.expand(batch) if k.ndim == 0 else k
-        if k.shape != (batch,) or (k < 0).any() or (k >= trajectory.num_steps).any():
-            raise ValueError(f"steps must index 0..{trajectory.num_steps - 1} for each of {batch} samples, got {k.tolist()}")
-        rows = torch.arange(batch)
-        lat = trajectory.latents
-        return self.score_transition(
-            lat[rows, k.cpu()], lat[rows, (k + 1).cpu()], trajectory.timesteps[k.cpu()],
-            trajectory.prompt_embeds, trajectory.negative_prompt_embeds, trajectory.guidance_scale, trajectory.eta,
-            trajectory.num_inference_steps, unet=unet, detach_uncond=detach_uncond,
-            reduce=trajectory.extras.get("reduce", "mean"),
-        )
+        return make_trajectory(all_latents, log_probs, stds, timesteps, prompts, prompt_embeds, negative, self.decode(x),
+                               guidance_scale, eta, num_inference_steps, {"reduce": reduce})
 
     def score_transition(
         self,

@@ -20,6 +20,7 @@ from ._flow_step import SAMPLERS, LogProbForm, Sampler, flow_sde_step
 from ._flux import call_flux
 from ._gaussian import GaussianStep, Reduce
 from ._text import clip_max_length, encode_flux, encode_sd3, unpack
+from ._policy import LatentPolicyPipeline, make_trajectory, step_indices, stored_transitions
 from ._trajectory import Trajectory
 
 GeneratorLike = Optional[Union[torch.Generator, List[torch.Generator]]]
@@ -90,7 +91,7 @@ def _encode_sd3(text_encoder, ids, model):
 _ENCODES = {"unet": _encode_unet, "sd3": _encode_sd3}
 
 
-class FlowMatchPipeline:
+class FlowMatchPipeline(LatentPolicyPipeline):
     """Velocity network + text encoder(s) + flow-match scheduler (+ optional VAE) as a Gaussian policy.
 
     Same surface as `DiffusionPipeline`, so the trainer drives either. Conventions:
@@ -210,25 +211,10 @@ class FlowMatchPipeline:
         with open(os.path.join(path, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
 
-    def to(self, device: Union[str, torch.device]) -> "FlowMatchPipeline":
-        for m in (self.unet, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
-            if m is not None:
-                m.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
     @property
     def transformer(self) -> torch.nn.Module:
         """The velocity network under its diffusers name for transformer models (same object as `unet`)."""
         return self.unet
-
-    @property
-    def latent_dtype(self) -> torch.dtype:
-        """The dtype latents are stored in (the network's, unless `storage_dtype` overrides it)."""
-        return self.storage_dtype or next(self.unet.parameters()).dtype
 
     # ----- text --------------------------------------------------------------------------------
     # Shared with DiffusionPipeline: it reads only self.text_inputs().
@@ -354,15 +340,6 @@ class FlowMatchPipeline:
         """The σ at which each of the n steps starts ([n], = sigmas(n)[:-1]); what `Trajectory.timesteps` stores."""
         return self.sigmas(num_inference_steps)[:-1]
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (or pixels in [-1, 1] without a VAE) to float32 images in [0, 1]."""
-        x = latents
-        if self.vae is not None:
-            cfg = self.vae.config
-            z = latents.to(self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-            x = self.vae.decode(z).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
-
     def initial_latents(self, batch: int, generator: GeneratorLike = None) -> torch.Tensor:
         """x at σ = 1: standard normal, drawn in float32 from `generator` (one per sample for batch-independent noise)."""
         x = randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
@@ -424,21 +401,11 @@ class FlowMatchPipeline:
             all_latents.append(x)
             log_probs.append(step.log_prob)
             stds.append(step.std[0])
-        return Trajectory(
-            latents=torch.stack(all_latents, dim=1),
-            timesteps=sigmas[:-1].clone(),
-            log_probs=torch.stack(log_probs, dim=1),
-            stds=torch.stack(stds).float().cpu(),
-            prompts=prompts,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative,
-            images=self.decode(x),
-            guidance_scale=float(guidance_scale),
-            eta=0.0 if sampler == "ode" else float(noise_level),
-            num_inference_steps=num_inference_steps,
-            extras={"reduce": reduce, "sampler": sampler, "sigmas": sigmas, "noise_levels": levels,
-                    "sde_window": sde_window, "log_prob_form": log_prob_form},
-        )
+        return make_trajectory(all_latents, log_probs, stds, sigmas[:-1].clone(), prompts, prompt_embeds, negative,
+                               self.decode(x), guidance_scale, 0.0 if sampler == "ode" else float(noise_level),
+                               num_inference_steps, {"reduce": reduce, "sampler": sampler, "sigmas": sigmas,
+                                                     "noise_levels": levels, "sde_window": sde_window,
+                                                     "log_prob_form": log_prob_form})
 
     def rescore(
         self,
@@ -452,18 +419,12 @@ class FlowMatchPipeline:
         `steps` is one step index for the whole batch or a LongTensor [B] of per-sample indices.
         Gradients flow to the network unless called under `torch.no_grad()`.
         """
-        batch = trajectory.batch_size
-        k = torch.as_tensor(steps, dtype=torch.long).cpu()
-        k = k.expand(batch) if k.ndim == 0 else k
-        if k.shape != (batch,) or (k < 0).any() or (k >= trajectory.num_steps).any():
-            raise ValueError(f"steps must index 0..{trajectory.num_steps - 1} for each of {batch} samples, got {k.tolist()}")
+        k = step_indices(trajectory, steps)
         ex = trajectory.extras
         if "sigmas" not in ex or "noise_levels" not in ex:
             raise ValueError("trajectory has no 'sigmas'/'noise_levels' extras: it was not rolled out by a FlowMatchPipeline")
-        rows = torch.arange(batch)
-        lat = trajectory.latents
         return self.score_transition(
-            lat[rows, k], lat[rows, k + 1], ex["sigmas"][k], trajectory.prompt_embeds, trajectory.negative_prompt_embeds,
+            *stored_transitions(trajectory, k), ex["sigmas"][k], trajectory.prompt_embeds, trajectory.negative_prompt_embeds,
             trajectory.guidance_scale, ex["noise_levels"][k], trajectory.num_inference_steps, unet=unet,
             detach_uncond=detach_uncond, reduce=ex.get("reduce", "mean"), sigma_next=ex["sigmas"][k + 1],
             sampler=ex.get("sampler", "sde"), log_prob_form=ex.get("log_prob_form", "gaussian"),
