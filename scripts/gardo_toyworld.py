@@ -69,7 +69,8 @@ def arm_config(arm: str, args, seed: int, proxy: Path, aux_proxy: Path, out: Pat
         model="toyworld", reward=reward, reward_options={"toy_proxy_clip": {"path": str(proxy)}},
         eval_rewards=["toy_oracle_accuracy"] + ([] if args.ink_weight else ["toy_ink"]), prompts="toyworld:train", eval_prompts="toyworld:heldout",
         output_dir=str(out / arm), seed=seed, num_inference_steps=args.steps, guidance_scale=1.0, eta=1.0,
-        num_rounds=args.rounds, prompts_per_round=8, samples_per_prompt=4, train_batch_size=16, gradient_accumulation=1,
+        num_rounds=args.rounds, prompts_per_round=32 // args.group_size, samples_per_prompt=args.group_size,
+        train_batch_size=16, gradient_accumulation=1,
         learning_rate=args.lr, clip_range=args.clip_range, timestep_fraction=args.timestep_fraction, inner_epochs=args.inner_epochs,
         eval_every=args.eval_every, eval_max_prompts=args.eval_prompts, eval_images_per_prompt=args.images_per_prompt, progress=False,
     )
@@ -175,7 +176,7 @@ def _mean_sd(values: List[float]) -> str:
 def report(rows: List[Dict], args, seconds_total: float) -> List[str]:
     """Markdown: the mean over seeds per arm, then every run."""
     proxy_name = f"toy_proxy_clip + {args.ink_weight:g} toy_ink" if args.ink_weight else "toy_proxy_clip"
-    lines = [f"# Reward hacking on the toy world ({args.rounds} rounds × 32 samples, lr {args.lr}, β {args.kl_weight}, "
+    lines = [f"# Reward hacking on the toy world ({args.rounds} rounds × 32 samples in groups of {args.group_size}, lr {args.lr}, β {args.kl_weight}, "
              f"proxy {proxy_name}, CLIP {args.proxy_steps or 700} steps, seeds {args.seeds})", "",
              "Mean ± sd over seeds (final = the last evaluation; held-out prompts, fixed seeds). 'acc lost per proxy' is "
              "(oracle accuracy before − final) / (proxy final − before): the hacking rate.", "",
@@ -205,6 +206,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["baseline", "kl", "gardo"], choices=ARMS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--group-size", type=int, default=4, choices=[2, 4, 8, 16, 32],
+                    help="Samples per prompt (GRPO's group); the round is always 32 samples.")
     ap.add_argument("--steps", type=int, default=10, help="Sampler steps per rollout.")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--clip-range", type=float, default=1e-3)

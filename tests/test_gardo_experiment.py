@@ -21,7 +21,7 @@ def exp():
 def _args(**kw):
     base = dict(ink_weight=3.0, aux=["clip"], steps=10, rounds=30, lr=3e-4, clip_range=1e-3, timestep_fraction=0.5,
                 inner_epochs=2, kl_weight=0.04, reference_kl_threshold=1e-2, reset_every=15, eval_every=5, eval_prompts=16,
-                images_per_prompt=4, gardo_set=[], proxy_steps=0, seeds=[0, 1], arms=["baseline", "gardo"])
+                images_per_prompt=4, gardo_set=[], proxy_steps=0, seeds=[0, 1], arms=["baseline", "gardo"], group_size=4)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -32,6 +32,9 @@ def test_every_arm_is_a_valid_config_that_differs_only_in_its_regulariser(exp, t
     assert cfgs["gardo"].adaptive_reference and not cfgs["gardo_fixed_reference"].adaptive_reference
     assert cfgs["gardo"].uncertainty_sign == "proxy_overrates" and cfgs["gardo_code_sign"].uncertainty_sign == "reference_code"
     assert cfgs["gardo"].aux_rewards == ["genft.toyworld.proxy:ToyProxyCLIPScore"]
+    assert (cfgs["kl"].prompts_per_round, cfgs["kl"].samples_per_prompt) == (8, 4)
+    wide = exp.arm_config("gardo", _args(group_size=8), 0, tmp_path / "proxy", tmp_path / "aux", tmp_path)
+    assert (wide.prompts_per_round, wide.samples_per_prompt) == (4, 8)
     shared = ("reward", "learning_rate", "num_rounds", "prompts_per_round", "samples_per_prompt", "clip_range", "eval_rewards")
     for arm, cfg in cfgs.items():
         assert all(getattr(cfg, k) == getattr(cfgs["baseline"], k) for k in shared), arm

@@ -51,7 +51,15 @@ def test_trainer_switches_it_on(tmp_path):
                    gradient_checkpointing=True, finetune="lora")
     c.validate()
     trainer = Trainer(c, pipeline=tiny_diffusion_pipeline(), prompts=["a red cat"], eval_prompts=["a red cat"])
-    assert trainer.pipeline.unet.is_gradient_checkpointing and not trainer.reference_unet.is_gradient_checkpointing
+    assert trainer.pipeline.unet.is_gradient_checkpointing
+    # With LoRA the reference is a view of the policy that switches checkpointing off inside its own calls
+    # (tests/test_reference.py checks the gradients); with full fine-tuning it is a copy that never checkpoints.
+    with trainer.reference_unet.active() as net:
+        assert not net.is_gradient_checkpointing or not torch.is_grad_enabled()
+    assert trainer.pipeline.unet.is_gradient_checkpointing
+    full = Trainer(DPOKConfig(**{**c.to_dict(), "finetune": "full", "output_dir": str(tmp_path / "full")}),
+                   pipeline=tiny_diffusion_pipeline(), prompts=["a red cat"], eval_prompts=["a red cat"])
+    assert full.pipeline.unet.is_gradient_checkpointing and not full.reference_unet.is_gradient_checkpointing
     assert trainer.trainable and all(p.requires_grad for p in trainer.trainable)
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in trainer.trainable}  # the optimiser holds the adapters only
