@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from .data import PALETTE, heldout_prompts
+from .derived import check_folder
 from .pretrain import FORMAT_VERSION, META_FILE, PretrainConfig, pretrain
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ REQUIRED_FILES = (
     "tokenizer/tokenizer_config.json",
     "scheduler/scheduler_config.json",
 )
-WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
 
 
 def default_cache_dir() -> Path:
@@ -37,29 +36,11 @@ def default_cache_dir() -> Path:
 
 def validate_world(path: str | Path) -> dict:
     """Return the folder's genft_toyworld.json if it is a complete, current toy world; else raise ValueError saying what is wrong."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path} does not exist or is not a folder")
-    missing = [f for f in (META_FILE,) + REQUIRED_FILES if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"{path} is incomplete: missing {', '.join(missing)}")
+    meta = check_folder(path, META_FILE, "format_version", FORMAT_VERSION, REQUIRED_FILES)
     try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable metadata ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: format_version {found!r}, this genft expects {FORMAT_VERSION}")
-    if meta.get("heldout_prompts") != heldout_prompts() or meta.get("palette") != {k: list(v) for k, v in PALETTE.items()}:
-        raise ValueError(f"{path} was built for a different world definition (palette or held-out prompts differ)")
-    for f in WEIGHT_FILES:
-        try:
-            load_file(str(path / f))
-        except Exception as e:  # safetensors raises several types for truncated or garbled files
-            raise ValueError(f"{path / f} is corrupt ({type(e).__name__}: {e})") from e
     return meta
 
 

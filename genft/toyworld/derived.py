@@ -44,31 +44,38 @@ def default_dir(kind: DerivedKind, world_dir: str | Path | None = None) -> Path:
     return world.with_name(f"{world.name}-{kind.name}")
 
 
-def validate(kind: DerivedKind, path: str | Path) -> dict:
-    """The folder's metadata if it is a complete, current base of `kind`; else a ValueError saying what is wrong."""
+def check_folder(path: str | Path, meta_file: str, version_key: str, version: int, required_files: Tuple[str, ...]) -> dict:
+    """The metadata of a cached toy-world folder (the world itself or a derived base) if it is complete and current:
+    every required file present, metadata readable at `version`, built for this world definition, weights
+    readable. Otherwise a ValueError saying what is wrong."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} does not exist or is not a folder")
-    missing = [f for f in (kind.meta_file,) + kind.required_files if not (path / f).is_file()]
+    missing = [f for f in (meta_file,) + tuple(required_files) if not (path / f).is_file()]
     if missing:
         raise ValueError(f"{path} is incomplete: missing {', '.join(missing)}")
     try:
-        meta = json.loads((path / kind.meta_file).read_text(encoding="utf-8"))
+        meta = json.loads((path / meta_file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable metadata ({e})") from e
-    if not isinstance(meta, dict) or meta.get(kind.version_key) != kind.version:
-        found = meta.get(kind.version_key) if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: {kind.version_key} {found!r}, this genft expects {kind.version}")
+    if not isinstance(meta, dict) or meta.get(version_key) != version:
+        found = meta.get(version_key) if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: {version_key} {found!r}, this genft expects {version}")
     if meta.get("heldout_prompts") != heldout_prompts() or meta.get("palette") != {k: list(v) for k, v in PALETTE.items()}:
         raise ValueError(f"{path} was built for a different world definition (palette or held-out prompts differ)")
     for f in WEIGHT_FILES:
         try:
             load_file(str(path / f))
-        except Exception as e:  # safetensors raises several types for truncated files
+        except Exception as e:  # safetensors raises several types for truncated or garbled files
             raise ValueError(f"{path / f} is corrupt ({type(e).__name__}: {e})") from e
     return meta
+
+
+def validate(kind: DerivedKind, path: str | Path) -> dict:
+    """The folder's metadata if it is a complete, current base of `kind`; else a ValueError saying what is wrong."""
+    return check_folder(path, kind.meta_file, kind.version_key, kind.version, kind.required_files)
 
 
 def save(kind: DerivedKind, pipe, out_dir: str | Path, world_dir: Path, world_meta: dict, config: Dict[str, Any],
