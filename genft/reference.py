@@ -3,7 +3,7 @@
 Full fine-tuning keeps a frozen copy of the network. With LoRA the base weights never change, so the
 reference is a *view* of the policy network instead: the same module called with its adapters
 switched off (the pretrained model) or with a second, frozen "reference" adapter active (GARDO's
-moving reference). That saves a whole copy of the network (about 4 GB for SD3 in bf16).
+moving reference). That saves a whole copy of the network (about 5 GB for SD3.5-Medium's transformer in bf16).
 peft has no "call with this adapter" context, so `AdapterReference` switches the adapters around
 each call and puts back the active adapter and every `requires_grad` flag it found.
 """
