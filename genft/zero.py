@@ -88,5 +88,21 @@ def load_optimizer_partitions(engine, folder: Path, num_processes: int) -> None:
     if missing:
         raise ValueError(f"DeepSpeed optimiser partitions missing: {missing}; resume with the process count the "
                          "checkpoint was written with")
-    states: List[Dict[str, Any]] = [torch.load(f, weights_only=False) for f in files]
+    with torch.serialization.safe_globals(_partition_globals()):  # no arbitrary unpickling: only DeepSpeed's state types
+        states: List[Dict[str, Any]] = [torch.load(f, weights_only=True) for f in files]
     engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=False)
+
+
+def _partition_globals() -> list:
+    """The DeepSpeed classes a ZeRO optimiser state pickles besides tensors, allow-listed for `weights_only` loading."""
+    import importlib
+
+    found = []
+    for module, name in (("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                         ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                         ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: torch.load then names what is missing
+            pass
+    return found
