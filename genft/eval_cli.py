@@ -40,10 +40,9 @@ class EvalPlan:
 
 
 def _ckpt_config(path: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((path / "trainer_state.json").read_text()).get("config", {}) or {}
-    except (OSError, ValueError):
-        return {}
+    from .checkpoint import read_trainer_state
+
+    return read_trainer_state(path).get("config", {}) or {}
 
 
 def _label(path: Path) -> str:

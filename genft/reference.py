@@ -58,31 +58,40 @@ class AdapterReference:
     def active(self):
         """Inside: the network computes the reference (eval mode, no internal gradient checkpointing)."""
         net = self.module
-        flags: List[Tuple[torch.nn.Parameter, bool]] = [(p, p.requires_grad) for p in net.parameters()]
         was_training = net.training
         # diffusers recomputes checkpointed blocks during backward, after this context has switched the
         # adapters back: a reference forward that keeps a graph (ROCM) must not be checkpointed.
         checkpointing = bool(getattr(net, "is_gradient_checkpointing", False)) and torch.is_grad_enabled()
         previous = list(net.active_adapters()) if self.adapter is not None else None
-        try:
-            if checkpointing:
-                net.disable_gradient_checkpointing()
-            net.train(False)
-            if self.adapter is None:
-                net.disable_adapters()
-            else:
-                net.set_adapter(self.adapter)
-            yield net
-        finally:
-            if self.adapter is None:
-                net.enable_adapters()
-            else:
-                net.set_adapter(previous)
-            net.train(was_training)
-            if checkpointing:
-                net.enable_gradient_checkpointing()
-            for p, flag in flags:  # peft's switches flip requires_grad; the optimiser's view must not change
-                p.requires_grad_(flag)
+        with _requires_grad_kept(net):
+            try:
+                if checkpointing:
+                    net.disable_gradient_checkpointing()
+                net.train(False)
+                if self.adapter is None:
+                    net.disable_adapters()
+                else:
+                    net.set_adapter(self.adapter)
+                yield net
+            finally:
+                if self.adapter is None:
+                    net.enable_adapters()
+                else:
+                    net.set_adapter(previous)
+                net.train(was_training)
+                if checkpointing:
+                    net.enable_gradient_checkpointing()
+
+@contextmanager
+def _requires_grad_kept(net: torch.nn.Module) -> Iterator[None]:
+    """Put back every parameter's `requires_grad` on exit: peft's adapter switches flip them, and the
+    optimiser's (and DDP's) view of what trains must not change."""
+    flags: List[Tuple[torch.nn.Parameter, bool]] = [(p, p.requires_grad) for p in net.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def make_reference(policy: torch.nn.Module, lora: bool):
@@ -96,11 +105,9 @@ def add_reference_adapter(reference: AdapterReference) -> None:
     """Give `reference` its own frozen adapter, a copy of the policy's trainable one, and make calls use it."""
     net = reference.module
     if REFERENCE_ADAPTER not in net.peft_config:
-        flags = [(p, p.requires_grad) for p in net.parameters()]
-        net.add_adapter(copy.deepcopy(net.peft_config[ADAPTER_NAME]), adapter_name=REFERENCE_ADAPTER)
-        net.set_adapter(ADAPTER_NAME)  # add_adapter activates the new one; training stays on the policy's
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        with _requires_grad_kept(net):
+            net.add_adapter(copy.deepcopy(net.peft_config[ADAPTER_NAME]), adapter_name=REFERENCE_ADAPTER)
+            net.set_adapter(ADAPTER_NAME)  # add_adapter activates the new one; training stays on the policy's
         for p in reference_adapter_parameters(net).values():
             p.requires_grad_(False)
     reference.adapter = REFERENCE_ADAPTER

@@ -62,10 +62,10 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def _options(**kw):
+def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_model_state(net: torch.nn.Module) -> Dict[str, torch.Tensor]:
