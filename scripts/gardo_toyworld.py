@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python scripts/gardo_toyworld.py --out genft_runs/gardo_toyworld
     # the hackable proxy, three seeds, GARDO's ablations (about 4 CPU-minutes per arm and seed):
     OMP_NUM_THREADS=1 python scripts/gardo_toyworld.py --ink-weight 3 --aux clip --seeds 0 1 2 \
-        --arms baseline kl gardo gardo_fixed_reference gardo_code_sign
+        --arms baseline kl gardo gardo_fixed_reference gardo_code_sign gardo_no_diversity diversity_only
 
 Every arm optimises `toy_proxy_clip`, the toy world's learned CLIP proxy (`--proxy-steps N` swaps in a
 weaker proxy: the same recipe stopped after N contrastive steps). Held out and never used in training:
@@ -45,12 +45,18 @@ from genft.features import ToyOracleFeatures, load_images
 from genft.metrics import diversity_within_prompt
 from genft.toyworld.proxy import ProxyConfig, load_or_train_proxy
 
-ARMS = ("baseline", "kl", "gardo", "gardo_fixed_reference", "gardo_code_sign")
+ARMS = ("baseline", "kl", "gardo", "gardo_fixed_reference", "gardo_code_sign", "gardo_no_diversity", "diversity_only")
 LABELS = {"baseline": "GRPO, no KL (β=0)", "kl": "GRPO, fixed KL", "gardo": "GARDO (GRPO)",
-          "gardo_fixed_reference": "GARDO, no reference reset", "gardo_code_sign": "GARDO, code's uncertainty sign"}
+          "gardo_fixed_reference": "GARDO, no reference reset", "gardo_code_sign": "GARDO, code's uncertainty sign",
+          "gardo_no_diversity": "GARDO, no diversity advantage", "diversity_only": "GRPO + diversity advantage only (β=0)"}
 #: GARDO overrides of the ablation arms.
 ABLATIONS = {"gardo": {}, "gardo_fixed_reference": {"adaptive_reference": False},
-             "gardo_code_sign": {"uncertainty_sign": "reference_code"}}
+             "gardo_code_sign": {"uncertainty_sign": "reference_code"}, "gardo_no_diversity": {"diversity_advantage": False},
+             "diversity_only": {"kl_weight": 0.0, "gated_kl": False, "adaptive_reference": False}}
+#: Held-out measures compared seed by seed against the baseline.
+PAIRED = (("oracle_acc_final", "oracle acc final"), ("diversity_final", "diversity final"),
+          ("oracle_acc_at_matched", "oracle acc at matched"), ("diversity_at_matched", "diversity at matched"),
+          ("oracle_acc_over_range", "oracle acc over shared range"), ("diversity_over_range", "diversity over shared range"))
 
 
 def proxy_folder(steps: int, seed: int) -> Path:
@@ -115,6 +121,15 @@ def at_proxy_level(points: List[Dict], level: float) -> Dict:
     return {"round": float("nan"), "oracle_accuracy": float("nan"), "diversity": float("nan")}
 
 
+def over_proxy_range(points: List[Dict], low: float, high: float, levels: int = 11) -> Dict:
+    """Oracle accuracy and diversity averaged over `levels` evenly spaced proxy levels in [low, high], each read where
+    the run first reaches it: a comparison at equal proxy that uses the whole shared stretch of the curves, not one point."""
+    if high <= low:
+        return at_proxy_level(points, low)
+    hits = [at_proxy_level(points, low + (high - low) * i / (levels - 1)) for i in range(levels)]
+    return {k: sum(h[k] for h in hits) / levels for k in ("round", "oracle_accuracy", "diversity")}
+
+
 def plot(curves: Dict[str, List[Dict]], path: Path) -> bool:
     """Proxy, oracle accuracy and diversity over rounds, and the two held-out measures against proxy; False without matplotlib."""
     try:
@@ -151,8 +166,10 @@ def mean_curve(runs: List[List[Dict]]) -> List[Dict]:
 
 
 def summarise(arm: str, seed: int, pts: List[Dict], level: float, seconds: float) -> Dict:
-    """One run's row: start, end and matched-proxy values, and how much accuracy it lost per unit of proxy gained."""
+    """One run's row: start, end and matched-proxy values (at `level`, and averaged from the start proxy up to it), and
+    how much accuracy it lost per unit of proxy gained."""
     first, last, matched = pts[0], pts[-1], at_proxy_level(pts, level)
+    shared = over_proxy_range(pts, first["proxy"], level)
     gain = last["proxy"] - first["proxy"]
     return {"arm": arm, "seed": seed, "seconds": round(seconds),
             "proxy_before": first["proxy"], "proxy_final": last["proxy"], "proxy_max": max(p["proxy"] for p in pts),
@@ -161,7 +178,8 @@ def summarise(arm: str, seed: int, pts: List[Dict], level: float, seconds: float
             "diversity_before": first["diversity"], "diversity_final": last["diversity"],
             "acc_lost_per_proxy": (first["oracle_accuracy"] - last["oracle_accuracy"]) / gain if gain > 0 else float("nan"),
             "matched_proxy": level, "matched_round": matched["round"], "oracle_acc_at_matched": matched["oracle_accuracy"],
-            "diversity_at_matched": matched["diversity"]}
+            "diversity_at_matched": matched["diversity"], "oracle_acc_over_range": shared["oracle_accuracy"],
+            "diversity_over_range": shared["diversity"]}
 
 
 def _mean_sd(values: List[float]) -> str:
@@ -187,15 +205,33 @@ def report(rows: List[Dict], args, seconds_total: float) -> List[str]:
         cols = ("proxy_final", "ink_final", "oracle_acc_final", "diversity_final", "acc_lost_per_proxy",
                 "oracle_acc_at_matched", "diversity_at_matched")
         lines.append(f"| {LABELS[arm]} | " + " | ".join(_mean_sd([r[c] for r in mine]) for c in cols) + " |")
+    if "baseline" in args.arms and len(args.arms) > 1:
+        lines += ["", "Paired by seed, each arm minus the baseline: mean ± sd of the difference (seeds where it is > 0). "
+                  "'Matched' reads a run where it first reaches the highest proxy every arm of its seed reaches; 'over shared "
+                  "range' averages 11 such readings from the starting proxy up to that level.", "",
+                  "| method | " + " | ".join(label for _, label in PAIRED) + " |", "|---|" + "---|" * len(PAIRED)]
+        base = {r["seed"]: r for r in rows if r["arm"] == "baseline"}
+        for arm in args.arms:
+            if arm == "baseline":
+                continue
+            mine = [r for r in rows if r["arm"] == arm and r["seed"] in base]
+            cells = []
+            for key, _ in PAIRED:
+                diffs = [r[key] - base[r["seed"]][key] for r in mine]
+                diffs = [d for d in diffs if d == d]
+                cells.append(f"{_mean_sd(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+            lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     lines += ["", "Every run (matched proxy: the highest eval proxy every arm of that seed reaches; values where a run first reaches it):", "",
               "| method | seed | proxy before → final (max) | ink before → final | oracle acc before → final | diversity before → final | "
-              "matched proxy | round at matched | oracle acc at matched | diversity at matched | s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "matched proxy | round at matched | oracle acc at matched | diversity at matched | oracle acc over shared range | "
+              "diversity over shared range | s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {LABELS[r['arm']]} | {r['seed']} | {r['proxy_before']:.3f} → {r['proxy_final']:.3f} ({r['proxy_max']:.3f}) | "
                      f"{r['ink_before']:.3f} → {r['ink_final']:.3f} | {r['oracle_acc_before']:.3f} → {r['oracle_acc_final']:.3f} | "
                      f"{r['diversity_before']:.3f} → {r['diversity_final']:.3f} | {r['matched_proxy']:.3f} | {r['matched_round']:.1f} | "
-                     f"{r['oracle_acc_at_matched']:.3f} | {r['diversity_at_matched']:.3f} | {r['seconds']} |")
+                     f"{r['oracle_acc_at_matched']:.3f} | {r['diversity_at_matched']:.3f} | {r['oracle_acc_over_range']:.3f} | "
+                     f"{r['diversity_over_range']:.3f} | {r['seconds']} |")
     lines += ["", f"Training time {seconds_total:.0f} s over all runs. Settings: {json.dumps(vars(args))}"]
     return lines
 

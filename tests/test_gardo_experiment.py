@@ -32,6 +32,8 @@ def test_every_arm_is_a_valid_config_that_differs_only_in_its_regulariser(exp, t
     assert cfgs["gardo"].adaptive_reference and not cfgs["gardo_fixed_reference"].adaptive_reference
     assert cfgs["gardo"].uncertainty_sign == "proxy_overrates" and cfgs["gardo_code_sign"].uncertainty_sign == "reference_code"
     assert cfgs["gardo"].aux_rewards == ["genft.toyworld.proxy:ToyProxyCLIPScore"]
+    assert cfgs["gardo"].diversity_advantage and not cfgs["gardo_no_diversity"].diversity_advantage
+    assert cfgs["diversity_only"].diversity_advantage and cfgs["diversity_only"].kl_weight == 0
     assert (cfgs["kl"].prompts_per_round, cfgs["kl"].samples_per_prompt) == (8, 4)
     wide = exp.arm_config("gardo", _args(group_size=8), 0, tmp_path / "proxy", tmp_path / "aux", tmp_path)
     assert (wide.prompts_per_round, wide.samples_per_prompt) == (4, 8)
@@ -54,3 +56,20 @@ def test_matched_proxy_hacking_rate_and_seed_means(exp):
     mean_row = next(line for line in lines if line.startswith("| GRPO, no KL"))
     assert "0.800 ± 0.141" in mean_row  # final accuracies 0.7 and 0.9
     assert exp.mean_curve([pts, pts])[1]["proxy"] == pytest.approx(2.4)
+
+
+def test_equal_proxy_range_average_and_paired_differences(exp):
+    pts = [dict(round=0, proxy=2.0, ink=0.1, oracle_accuracy=0.9, diversity=2.0),
+           dict(round=10, proxy=3.0, ink=0.3, oracle_accuracy=0.5, diversity=1.0)]
+    # linear in proxy, so the average over [2, 2.5] is the value at 2.25
+    shared = exp.over_proxy_range(pts, 2.0, 2.5)
+    assert shared["oracle_accuracy"] == pytest.approx(0.8) and shared["diversity"] == pytest.approx(1.75)
+    assert exp.over_proxy_range(pts, 2.0, 2.0)["oracle_accuracy"] == pytest.approx(0.9)
+    better = [pts[0], {**pts[1], "oracle_accuracy": 0.7, "diversity": 1.4}]
+    rows = [exp.summarise("baseline", s, pts, 2.5, 1.0) for s in (0, 1)]
+    rows += [exp.summarise("gardo", 0, better, 2.5, 1.0), exp.summarise("gardo", 1, pts, 2.5, 1.0)]
+    assert rows[2]["oracle_acc_over_range"] == pytest.approx(0.85)  # 0.9 − 0.2·0.25
+    lines = exp.report(rows, _args(), 4.0)
+    paired = next(line for line in lines if line.startswith("| GARDO (GRPO) |") and "(1/2)" in line)
+    # final accuracy: +0.2 on seed 0, 0 on seed 1
+    assert paired.split(" | ")[1] == "0.100 ± 0.141 (1/2)"
