@@ -20,9 +20,10 @@ GARDO's auxiliary rewards (`--aux`) are a second proxy CLIP trained with another
 estimate of the alignment objective, so rank disagreement is epistemic uncertainty) and
 `jpeg_compressibility` (a generic image prior: noisy, artefact-laden images compress badly; it agrees
 with the ink hack, since flat blobs compress well, so the hackable runs use the CLIP alone). Its
-diversity features come from the proxy CLIP's image tower, never from the oracle. Two ablations of GARDO:
-`gardo_fixed_reference` (the pretrained model stays the KL reference) and `gardo_code_sign` (the released
-code's uncertainty sign, which gates samples the proxy under-rates).
+diversity features come from the proxy CLIP's image tower, never from the oracle. Ablations of GARDO:
+`gardo_fixed_reference` (the pretrained model stays the KL reference), `gardo_code_sign` (the released
+code's uncertainty sign, which gates samples the proxy under-rates), `gardo_no_diversity` (the base
+advantage) and `diversity_only` (the diversity-aware advantage on the unregularised baseline, β = 0).
 
 Writes, under --out, seed<s>/<arm>/ (the runs), summary.md, summary.csv, curves.csv and curves.png. Arms and
 seeds can be trained as parallel processes (one `--arms X --seeds S` each, same --out) and tabulated with
