@@ -1,6 +1,7 @@
 """Fixed feature extractors for set metrics (Fréchet distance, diversity): images [B,3,H,W] in [0,1] -> float32 [B,D].
 
 - `toy_oracle`: the toy world's oracle read-out (digit, stroke and background probabilities + 8x8 stroke mask);
+- `toy_strokes`: the 8x8 stroke mask alone, unit length (handwriting shape; the toy world's diversity features);
 - `clip`: unit-norm open_clip image embeddings (the usual choice for real models; needs weights);
 - `pixels`: the image average-pooled to size x size (weight-free; for tests and quick checks only).
 
@@ -75,6 +76,20 @@ class ToyOracleFeatures(FeatureExtractor):
         return torch.cat([p.digit_probs, p.fg_probs, p.bg_probs, p.masks8.flatten(1) / 16.0], dim=1)
 
 
+class ToyStrokeFeatures(ToyOracleFeatures):
+    """The oracle's 8x8 stroke mask scaled to unit length [64]: the shape of the handwriting, not how much ink it has.
+
+    The toy world's diversity features. With `toy_oracle` features, thickening strokes into blobs *raises*
+    the mean pairwise distance (bigger masks are further apart, and the oracle's class probabilities scatter
+    on unreadable images); after the scaling, blobs that cover the same area read as alike.
+    """
+
+    name = "toy_strokes"
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.oracle.predict(images).masks8.flatten(1), dim=1)
+
+
 class CLIPFeatures(FeatureExtractor):
     """Unit-norm open_clip image embeddings; `model`/`pretrained` as in reward_models' CLIPScore (default ViT-B-32 'openai')."""
 
@@ -96,6 +111,7 @@ class CLIPFeatures(FeatureExtractor):
 
 FEATURES: Dict[str, Callable[..., FeatureExtractor]] = {
     "toy_oracle": ToyOracleFeatures,
+    "toy_strokes": ToyStrokeFeatures,
     "clip": CLIPFeatures,
     "pixels": PixelFeatures,
 }

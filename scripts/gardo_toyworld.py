@@ -8,8 +8,9 @@
 Every arm optimises `toy_proxy_clip`, the toy world's learned CLIP proxy (`--proxy-steps N` swaps in a
 weaker proxy: the same recipe stopped after N contrastive steps). Held out and never used in training:
 `toy_oracle_accuracy` (does the image show the prompt's digit and colours, per the fixed oracle) and a
-diversity measure (mean pairwise distance between a prompt's images in the oracle's fixed read-out
-features, `genft.metrics.diversity_within_prompt`), both on fixed-seed samples of held-out prompts every
+diversity measure (mean pairwise distance between a prompt's images in the oracle's unit-length 8x8 stroke
+mask, `genft.features.ToyStrokeFeatures` and `genft.metrics.diversity_within_prompt`: how different the
+handwriting is, not how much ink it has), both on fixed-seed samples of held-out prompts every
 `--eval-every` rounds.
 
 `--ink-weight W` makes the proxy hackable: it optimises `toy_proxy_clip + W * toy_ink`, where `toy_ink`
@@ -42,7 +43,7 @@ import torch
 
 import genft
 from genft.config import parse_overrides
-from genft.features import ToyOracleFeatures, load_images
+from genft.features import load_features, load_images
 from genft.metrics import diversity_within_prompt
 from genft.toyworld.proxy import ProxyConfig, load_or_train_proxy
 
@@ -129,6 +130,22 @@ def over_proxy_range(points: List[Dict], low: float, high: float, levels: int = 
         return at_proxy_level(points, low)
     hits = [at_proxy_level(points, low + (high - low) * i / (levels - 1)) for i in range(levels)]
     return {k: sum(h[k] for h in hits) / levels for k in ("round", "oracle_accuracy", "diversity")}
+
+
+def diversity_beyond_ink(curves: Dict[str, List[List[Dict]]]) -> Dict:
+    """How much of the held-out diversity the ink explains: a least-squares line diversity ≈ a + b·ink over every
+    evaluation of every run, its correlation r, and per arm the seeds' mean residual over their evaluations after
+    round 0 (diversity kept beyond what the run's ink predicts)."""
+    points = [p for runs in curves.values() for pts in runs for p in pts]
+    x = torch.tensor([p["ink"] for p in points], dtype=torch.float64)
+    y = torch.tensor([p["diversity"] for p in points], dtype=torch.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    slope = float((xc * yc).sum() / (xc * xc).sum().clamp(min=1e-12))
+    intercept = float(y.mean() - slope * x.mean())
+    r = float((xc * yc).sum() / ((xc * xc).sum() * (yc * yc).sum()).sqrt().clamp(min=1e-12))
+    residuals = {arm: [sum(p["diversity"] - intercept - slope * p["ink"] for p in pts[1:]) / max(len(pts) - 1, 1) for pts in runs]
+                 for arm, runs in curves.items()}
+    return {"intercept": intercept, "slope": slope, "r": r, "residuals": residuals}
 
 
 def plot(curves: Dict[str, List[Dict]], path: Path) -> bool:
@@ -261,6 +278,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--diversity-features", default="toy_strokes", choices=["toy_strokes", "toy_oracle"],
+                    help="Features of the held-out diversity: the unit-length stroke mask (default; blobs read as alike) or "
+                    "the whole oracle read-out (stroke mask with ink amount, and class probabilities, which scatter on unreadable images).")
     ap.add_argument("--gardo-set", nargs="*", default=[], help="key=value overrides of every GARDO arm "
                     "(e.g. diversity_advantage=false).")
     ap.add_argument("--report-only", action="store_true", help="Skip training; tabulate the runs already under --out "
@@ -272,7 +292,7 @@ def main() -> None:
     proxy = proxy_folder(args.proxy_steps, 0)
     needs_aux = any(a.startswith("gardo") for a in args.arms) and not args.report_only
     aux_proxy = proxy_folder(args.proxy_steps, 1) if needs_aux else None
-    features = ToyOracleFeatures()
+    features = load_features(args.diversity_features)
     curves: Dict[str, List[List[Dict]]] = {arm: [] for arm in args.arms}
     rows, total = [], 0.0
     for seed in args.seeds:
@@ -305,6 +325,10 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     lines = report(rows, args, total)
+    fit = diversity_beyond_ink(curves)
+    lines[-1:-1] = ["", f"Diversity against ink over every evaluation: diversity ≈ {fit['intercept']:.3f} {fit['slope']:+.3f}·ink, "
+                    f"r = {fit['r']:.2f}. Mean residual per arm (diversity beyond what the ink predicts; mean ± sd over seeds): "
+                    + "; ".join(f"{LABELS[arm]} {_mean_sd(res)}" for arm, res in fit["residuals"].items()), ""]
     plotted = plot({arm: mean_curve(runs) for arm, runs in curves.items()}, out / "curves.png")
     lines.insert(2, "curves.png: " + ("the mean over seeds of proxy, ink, oracle accuracy and diversity over rounds, and "
                                      "accuracy and diversity against proxy" if plotted else "not drawn (matplotlib is not installed)"))

@@ -264,6 +264,32 @@ def test_toy_oracle_features_separate_real_from_collapsed_or_blurred_data():
     assert floor < 0.2 * frechet_distance_features(a, collapsed) and floor < 0.2 * frechet_distance_features(a, blurred)
 
 
+def test_toy_stroke_features_read_the_handwriting_not_the_ink():
+    """Blobs that hide the handwriting read as *more* diverse in the oracle's read-out, and as less in the unit stroke mask."""
+    from genft.metrics import diversity_within_prompt
+    from genft.toyworld import heldout_combos, render
+    from genft.toyworld.data import PALETTE, caption
+    from genft.toyworld.ink import INK_SIGMA
+
+    combos = [c for c in heldout_combos()[:6] for _ in range(8)]
+    prompts = [caption(*c) for c in combos]
+    images = render(combos, generator=torch.Generator().manual_seed(0))
+    fg = torch.tensor([PALETTE[c.fg] for c in combos])[:, :, None, None]
+    ink = torch.exp(-((images - fg) ** 2).sum(1, keepdim=True) / (2 * INK_SIGMA**2))
+    for _ in range(3):
+        ink = torch.nn.functional.max_pool2d(ink, 3, 1, 1)
+    blobs = images * (1 - ink) + fg * ink
+    strokes, oracle = load_features("toy_strokes"), ToyOracleFeatures()
+    f = strokes(images)
+    assert f.shape == (len(combos), 64)
+    torch.testing.assert_close(f, torch.nn.functional.normalize(oracle(images)[:, 20:], dim=1))
+    div = lambda feats, x: diversity_within_prompt(feats(x), prompts)["mean"]  # noqa: E731
+    assert div(oracle, blobs) > div(oracle, images) + 0.2
+    assert div(strokes, blobs) < div(strokes, images) - 0.03
+    same = images[:1].expand(8, -1, -1, -1)
+    assert diversity_within_prompt(strokes(same), prompts[:8])["mean"] == pytest.approx(0.0, abs=1e-3)
+
+
 def test_clip_features_from_a_local_open_clip_folder(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     from safetensors.torch import save_file

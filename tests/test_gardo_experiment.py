@@ -73,3 +73,12 @@ def test_equal_proxy_range_average_and_paired_differences(exp):
     paired = next(line for line in lines if line.startswith("| GARDO (GRPO) |") and "(1/2)" in line)
     # final accuracy: +0.2 on seed 0, 0 on seed 1
     assert paired.split(" | ")[1] == "0.100 ± 0.141 (1/2)"
+
+
+def test_diversity_beyond_ink_fits_a_line_and_reports_residuals(exp):
+    line = lambda ink, extra=0.0: dict(round=0, proxy=2.0, ink=ink, oracle_accuracy=0.9, diversity=0.5 - ink + extra)  # noqa: E731
+    curves = {"baseline": [[line(0.1), line(0.2, -0.01), line(0.3, -0.01)]],
+              "gardo": [[line(0.1), line(0.2, 0.01), line(0.3, 0.01)]]}
+    fit = exp.diversity_beyond_ink(curves)
+    assert fit["slope"] == pytest.approx(-1.0) and fit["intercept"] == pytest.approx(0.5) and fit["r"] < -0.99
+    assert fit["residuals"]["gardo"][0] == pytest.approx(0.01) and fit["residuals"]["baseline"][0] == pytest.approx(-0.01)
