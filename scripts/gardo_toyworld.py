@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -130,6 +131,28 @@ def over_proxy_range(points: List[Dict], low: float, high: float, levels: int = 
         return at_proxy_level(points, low)
     hits = [at_proxy_level(points, low + (high - low) * i / (levels - 1)) for i in range(levels)]
     return {k: sum(h[k] for h in hits) / levels for k in ("round", "oracle_accuracy", "diversity")}
+
+
+def by_proxy_bins(curves: Dict[str, List[List[Dict]]], width: float = 0.1) -> List[Dict]:
+    """Oracle accuracy and diversity at equal proxy over whole curves, not first crossings: every evaluation after
+    round 0 of every seed, pooled per arm into proxy bins `width` wide; per bin and arm the count and the means."""
+    points = {arm: [p for pts in runs for p in pts[1:]] for arm, runs in curves.items()}
+    proxies = [p["proxy"] for pts in points.values() for p in pts]
+    if not proxies:
+        return []
+    start = math.floor(min(proxies) / width) * width
+    bins = []
+    for i in range(math.ceil((max(proxies) - start) / width) + 1):
+        low, high = start + i * width, start + (i + 1) * width
+        cells = {}
+        for arm, pts in points.items():
+            mine = [p for p in pts if low <= p["proxy"] < high]
+            if mine:
+                cells[arm] = {"n": len(mine), "oracle_accuracy": sum(p["oracle_accuracy"] for p in mine) / len(mine),
+                              "diversity": sum(p["diversity"] for p in mine) / len(mine)}
+        if cells:
+            bins.append({"low": low, "high": high, "arms": cells})
+    return bins
 
 
 def diversity_beyond_ink(curves: Dict[str, List[List[Dict]]]) -> Dict:
@@ -329,6 +352,16 @@ def main() -> None:
     lines[-1:-1] = ["", f"Diversity against ink over every evaluation: diversity ≈ {fit['intercept']:.3f} {fit['slope']:+.3f}·ink, "
                     f"r = {fit['r']:.2f}. Mean residual per arm (diversity beyond what the ink predicts; mean ± sd over seeds): "
                     + "; ".join(f"{LABELS[arm]} {_mean_sd(res)}" for arm, res in fit["residuals"].items()), ""]
+    bins = by_proxy_bins(curves)
+    if bins:
+        lines[-1:-1] = ["Equal proxy over the whole curves: every evaluation after round 0, pooled over seeds into proxy bins "
+                        "(evaluations n; oracle accuracy / diversity):", "",
+                        "| proxy | " + " | ".join(LABELS[arm] for arm in args.arms) + " |", "|---|" + "---|" * len(args.arms)]
+        for b in bins:
+            cells = [f"n={c['n']}: {c['oracle_accuracy']:.3f} / {c['diversity']:.3f}" if (c := b["arms"].get(arm)) else ""
+                     for arm in args.arms]
+            lines.insert(-1, f"| [{b['low']:.2f}, {b['high']:.2f}) | " + " | ".join(cells) + " |")
+        lines.insert(-1, "")
     plotted = plot({arm: mean_curve(runs) for arm, runs in curves.items()}, out / "curves.png")
     lines.insert(2, "curves.png: " + ("the mean over seeds of proxy, ink, oracle accuracy and diversity over rounds, and "
                                      "accuracy and diversity against proxy" if plotted else "not drawn (matplotlib is not installed)"))

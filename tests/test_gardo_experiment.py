@@ -82,3 +82,17 @@ def test_diversity_beyond_ink_fits_a_line_and_reports_residuals(exp):
     fit = exp.diversity_beyond_ink(curves)
     assert fit["slope"] == pytest.approx(-1.0) and fit["intercept"] == pytest.approx(0.5) and fit["r"] < -0.99
     assert fit["residuals"]["gardo"][0] == pytest.approx(0.01) and fit["residuals"]["baseline"][0] == pytest.approx(-0.01)
+
+
+def test_proxy_bins_pool_every_evaluation_after_the_start(exp):
+    ev = lambda r, proxy, acc, div: dict(round=r, proxy=proxy, ink=0.1, oracle_accuracy=acc, diversity=div)  # noqa: E731
+    curves = {"baseline": [[ev(0, 2.05, 0.9, 0.4), ev(5, 2.15, 0.8, 0.3), ev(10, 2.33, 0.5, 0.2)],
+                           [ev(0, 2.05, 0.9, 0.4), ev(5, 2.18, 0.6, 0.3)]],
+              "gardo": [[ev(0, 2.05, 0.9, 0.4), ev(5, 2.12, 0.9, 0.35)]]}
+    bins = exp.by_proxy_bins(curves)
+    first = next(b for b in bins if b["low"] == pytest.approx(2.1))
+    assert first["arms"]["baseline"]["n"] == 2 and first["arms"]["baseline"]["oracle_accuracy"] == pytest.approx(0.7)
+    assert first["arms"]["gardo"]["diversity"] == pytest.approx(0.35)
+    last = next(b for b in bins if b["low"] == pytest.approx(2.3))
+    assert set(last["arms"]) == {"baseline"} and last["arms"]["baseline"]["oracle_accuracy"] == pytest.approx(0.5)
+    assert all(b["low"] >= 2.0 for b in bins) and not any(b["low"] == pytest.approx(2.0) for b in bins)  # round 0 left out
