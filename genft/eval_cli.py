@@ -378,7 +378,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--rewards", nargs="*", default=None, help="rewards to measure (default: the checkpoints' training reward)")
     e.add_argument("--heldout-rewards", nargs="*", default=None, help="held-out rewards (default: the checkpoints' eval_rewards)")
     e.add_argument("--reward-options", default=None, help="YAML mapping {reward: {arg: value}}, e.g. '{clip_score: {pretrained: /w.bin}}'")
-    e.add_argument("--features", default=None, help="feature space for diversity and Fréchet distance: toy_oracle, toy_strokes, clip, pixels, "
+    e.add_argument("--features", default=None, help="feature space for diversity and Fréchet distance: toy_oracle, toy_strokes, clip, dino, pixels, "
                                                      "'module:Class' or none (default: toy_oracle for the toy world, else clip)")
     e.add_argument("--feature-option", action="append", default=[], metavar="KEY=VALUE", help="feature extractor argument (repeatable)")
     e.add_argument("--reference", default=None, help="real data for the Fréchet distance: 'toyworld' or an image folder (default: toyworld for the toy world)")

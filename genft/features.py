@@ -3,6 +3,8 @@
 - `toy_oracle`: the toy world's oracle read-out (digit, stroke and background probabilities + 8x8 stroke mask);
 - `toy_strokes`: the 8x8 stroke mask alone, unit length (handwriting shape; the toy world's diversity features);
 - `clip`: unit-norm open_clip image embeddings (the usual choice for real models; needs weights);
+- `dino`: unit-norm DINOv2/DINOv3 image embeddings through transformers (self-supervised, so they see
+  composition and style rather than caption agreement; GARDO's diversity features on real models);
 - `pixels`: the image average-pooled to size x size (weight-free; for tests and quick checks only).
 
 `load_features(name_or_instance, **options)` resolves a name, an instance or a 'module:Class' path.
@@ -109,10 +111,32 @@ class CLIPFeatures(FeatureExtractor):
         return self.clip.encode_image(self.preprocess(images.float()), normalize=True)
 
 
+class DINOFeatures(FeatureExtractor):
+    """Unit-norm pooled (CLS) embeddings of a transformers DINO backbone (`model`: a hub id or a saved folder with its
+    image processor; default DINOv2-base, ungated; the GARDO paper uses DINOv3, e.g. facebook/dinov3-vitb16-pretrain-lvd1689m)."""
+
+    name = "dino"
+
+    def __init__(self, model: str = "facebook/dinov2-base", cache_dir: Optional[str] = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        from transformers import AutoImageProcessor, AutoModel
+
+        from reward_models._preprocess import from_hf_image_processor
+
+        self.backbone = AutoModel.from_pretrained(model, cache_dir=cache_dir).eval().to(self.device)
+        self.preprocess = from_hf_image_processor(AutoImageProcessor.from_pretrained(model, cache_dir=cache_dir))
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(pixel_values=self.preprocess(images.float()))
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+        return F.normalize(pooled.float(), dim=-1)
+
+
 FEATURES: Dict[str, Callable[..., FeatureExtractor]] = {
     "toy_oracle": ToyOracleFeatures,
     "toy_strokes": ToyStrokeFeatures,
     "clip": CLIPFeatures,
+    "dino": DINOFeatures,
     "pixels": PixelFeatures,
 }
 

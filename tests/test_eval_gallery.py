@@ -244,7 +244,7 @@ def test_features_registry_and_shapes():
     x = torch.rand(5, 3, 16, 16)
     assert load_features("pixels", size=4)(x).shape == (5, 48)
     assert isinstance(load_features(PixelFeatures()), PixelFeatures)
-    with pytest.raises(ValueError, match="valid: clip, pixels, toy_oracle"):
+    with pytest.raises(ValueError, match="valid: clip, dino, pixels, toy_oracle"):
         load_features("inception")
     with pytest.raises(ValueError, match="do not take options"):
         load_features("pixels", colour=True)
@@ -304,6 +304,27 @@ def test_clip_features_from_a_local_open_clip_folder(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
     f = load_features("clip", model=str(tmp_path))(torch.rand(3, 3, 8, 8))
     assert f.shape == (3, 16) and torch.allclose(f.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_dino_features_from_a_saved_tiny_backbone(tmp_path):
+    """The hub-id path on a tiny DINOv2 saved with its image processor: the embedding is the model's own pooled output
+    after the processor's resize, crop and normalisation, unit length."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=28, patch_size=14)).eval()
+    model.save_pretrained(tmp_path)
+    proc = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_center_crop=True,
+                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=False)
+    proc.save_pretrained(tmp_path)
+    images = torch.rand(3, 3, 16, 16)
+    f = load_features("dino", model=str(tmp_path))(images)
+    assert f.shape == (3, 32) and torch.allclose(f.norm(dim=1), torch.ones(3), atol=1e-5)
+    pixels = proc(images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt", do_rescale=False)["pixel_values"]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model(pixel_values=pixels).pooler_output, dim=-1)
+    torch.testing.assert_close(f, expected, atol=5e-3, rtol=0)  # torch resize vs the processor's PIL resize
 
 
 def test_eval_on_a_tiny_toy_world_reports_oracle_accuracy_and_frechet(tmp_path):

@@ -60,7 +60,7 @@ class GARDOOptions:
     reference_kl_threshold: float = option(3e-4, "Reset after a round in which an optimiser step's mean (gated) KL exceeded this (code: 3e-4, 'set per task'); 0 disables.")
     reference_reset_every: int = option(15, "Also reset every N rounds since the last reset (code: 15 epochs); 0 disables.")
     diversity_advantage: bool = option(True, "Multiply above-mean advantages by the sample's nearest-neighbour distance over its group's mean distance (no std division).")
-    diversity_features: str = option("toy_proxy_clip", "Image features for the diversity distance: 'toy_proxy_clip' (the toy proxy CLIP's image tower), a genft.features name (e.g. 'clip', 'pixels') or 'module:Class'. The paper uses DINOv3.")
+    diversity_features: str = option("toy_proxy_clip", "Image features for the diversity distance: 'toy_proxy_clip' (the toy proxy CLIP's image tower), a genft.features name ('dino' for real models, as the paper's DINOv3; 'clip'; 'pixels') or 'module:Class'.")
     diversity_feature_options: Dict[str, Any] = option({}, "Constructor arguments of the feature extractor.")
     diversity_std: bool = option(False, "Divide the diversity-aware advantage by the batch reward std (Flow-GRPO's scale); GARDO does not.")
 
