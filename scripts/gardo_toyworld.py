@@ -4,6 +4,9 @@
     # the hackable proxy, three seeds, GARDO's ablations (about 4 CPU-minutes per arm and seed):
     OMP_NUM_THREADS=1 python scripts/gardo_toyworld.py --ink-weight 3 --aux clip --seeds 0 1 2 \
         --arms baseline kl gardo gardo_fixed_reference gardo_code_sign gardo_no_diversity diversity_only
+    # the six-seed table of BENCHMARKS.md (groups of 8, β 0.2, 240 images per evaluation; about 3.5 min a run):
+    OMP_NUM_THREADS=1 python scripts/gardo_toyworld.py --ink-weight 3 --aux clip --group-size 8 --kl-weight 0.2 \
+        --eval-prompts 30 --images-per-prompt 8 --eval-every 3 --seeds 0 1 2 3 4 5 --arms baseline kl gardo
 
 Every arm optimises `toy_proxy_clip`, the toy world's learned CLIP proxy (`--proxy-steps N` swaps in a
 weaker proxy: the same recipe stopped after N contrastive steps). Held out and never used in training:
