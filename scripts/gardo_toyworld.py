@@ -357,14 +357,14 @@ def main() -> None:
                     + "; ".join(f"{LABELS[arm]} {_mean_sd(res)}" for arm, res in fit["residuals"].items()), ""]
     bins = by_proxy_bins(curves)
     if bins:
-        lines[-1:-1] = ["Equal proxy over the whole curves: every evaluation after round 0, pooled over seeds into proxy bins "
-                        "(evaluations n; oracle accuracy / diversity):", "",
-                        "| proxy | " + " | ".join(LABELS[arm] for arm in args.arms) + " |", "|---|" + "---|" * len(args.arms)]
+        table = ["Equal proxy over the whole curves: every evaluation after round 0, pooled over seeds into proxy bins "
+                 "(evaluations n; oracle accuracy / diversity):", "",
+                 "| proxy | " + " | ".join(LABELS[arm] for arm in args.arms) + " |", "|---|" + "---|" * len(args.arms)]
         for b in bins:
             cells = [f"n={c['n']}: {c['oracle_accuracy']:.3f} / {c['diversity']:.3f}" if (c := b["arms"].get(arm)) else ""
                      for arm in args.arms]
-            lines.insert(-1, f"| [{b['low']:.2f}, {b['high']:.2f}) | " + " | ".join(cells) + " |")
-        lines.insert(-1, "")
+            table.append(f"| [{b['low']:.2f}, {b['high']:.2f}) | " + " | ".join(cells) + " |")
+        lines[-1:-1] = table + [""]
     plotted = plot({arm: mean_curve(runs) for arm, runs in curves.items()}, out / "curves.png")
     lines.insert(2, "curves.png: " + ("the mean over seeds of proxy, ink, oracle accuracy and diversity over rounds, and "
                                      "accuracy and diversity against proxy" if plotted else "not drawn (matplotlib is not installed)"))
